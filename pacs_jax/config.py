@@ -1,0 +1,355 @@
+"""Typed run configuration: dataclasses, YAML + dotted command-line overrides, validation.
+
+Every check that can be made without touching a device happens in `validate`, so a bad
+config fails in a second with the field's name instead of after a compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    # HF folder (config.json + safetensors). Empty: a randomly initialised model from `arch`.
+    path: str = ""
+    # Architecture for random init, as HF config.json keys (used when `path` is empty).
+    arch: dict = field(default_factory=dict)
+    # Tokenizer: "" = the model folder; a folder, a sentencepiece .model file, or "char"
+    # (the built-in character tokenizer for the synthetic tasks).
+    tokenizer: str = ""
+    # Chat template (Jinja) for tokenizers that do not ship one (sentencepiece, char).
+    chat_template: str = ""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+
+
+@dataclass
+class DataConfig:
+    # A .jsonl / .json / .parquet file, a Hugging Face dataset name, or "synthetic:arithmetic"
+    # / "synthetic:countdown".
+    train: str = "synthetic:arithmetic"
+    # Validation sets: name -> source (same forms as `train`). Empty: no validation.
+    val: dict = field(default_factory=dict)
+    # Row format: auto | deepscaler | gsm8k | math500 | aime | amc | custom (uses the fields below).
+    format: str = "auto"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    split: str = "train"  # for Hugging Face datasets
+    # "chat": problem + instruction as one user turn of the chat template. Otherwise a raw
+    # Python format string with {problem} (for base models).
+    prompt_template: str = "chat"
+    instruction: str = " Please reason step by step, and put your final answer within \\boxed{}."
+    max_prompt_tokens: int = 512
+    overlong_prompts: Literal["filter", "error"] = "filter"
+    malformed_rows: Literal["skip", "error"] = "error"
+    shuffle: bool = True
+    # Synthetic task options (ignored for files).
+    synthetic_size: int = 2000
+    synthetic_difficulty: int = 1
+    synthetic_seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    # Prompt lengths are padded up to the smallest bucket that fits (no recompiles).
+    prompt_buckets: list = field(default_factory=lambda: [64, 128, 256, 512])
+
+
+@dataclass
+class RewardConfig:
+    # "math" (math-verify on the last \boxed{}) or "module:function" taking (response, ground_truth).
+    verifier: str = "math"
+    workers: int = 2
+    timeout_s: float = 5.0
+    batch_deadline_s: float = 300.0
+
+
+@dataclass
+class AlgorithmConfig:
+    name: Literal["pacs", "grpo", "ppo", "rloo"] = "pacs"
+    # PACS
+    beta: float = 1.0
+    reward_method: Literal["1", "2"] = "1"
+    adv_estimator: Literal["rloo", "grpo", "naive"] = "rloo"
+    norm_adv_by_std: bool = True
+    weight_mode: Optional[Literal["question", "only_positive", "only_negative"]] = "question"
+    # GRPO / PPO
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    # PPO critic
+    gamma: float = 1.0
+    lam: float = 1.0
+    value_clip: float = 0.5
+    critic_lr: float = 1e-5
+    value_coef: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 = off
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # -1 fills the remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class SFTConfig:
+    # Supervised warm-up on the training task's reference answers before RL (0 = none).
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    total_steps: int = 300
+    seed: int = 0
+    prompts_per_step: int = 1024
+    # Optimizer steps per rollout batch (the paper: 4) and gradient-accumulation micro-batches
+    # per optimizer step. Both count prompts (whole groups), never single responses.
+    mini_batches: int = 4
+    micro_batches: int = 1
+    save_every: int = 50
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every K-th step's checkpoint (0 = off)
+    resume: Literal["auto", "never"] = "auto"
+    eval_every: int = 0  # 0 = no periodic validation
+    eval_samples: int = 4
+    export_hf: str = ""  # export the final policy to this HF folder
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "pacs_jax"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` coerced to `hint`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint in (dict, list) or origin in (dict, list):
+        base = origin or hint
+        if isinstance(value, base):
+            return value
+        raise ConfigError(f"{key}: expected a {base.__name__}, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; allowed keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML (optional), apply `key.sub=value` overrides (values parsed as YAML), validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    config = _from_dict(Config, tree)
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Checks that need no device and no files beyond the config itself."""
+    t, r, a, o = config.trainer, config.rollout, config.algorithm, config.optimizer
+    _require(r.group_size >= 1, f"rollout.group_size must be >= 1, got {r.group_size}")
+    _require(r.max_new_tokens > 0, f"rollout.max_new_tokens must be > 0, got {r.max_new_tokens}")
+    _require(r.temperature >= 0, f"rollout.temperature must be >= 0 (0 = greedy), got {r.temperature}")
+    _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    _require(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
+    _require(
+        bool(r.prompt_buckets) and all(isinstance(b, int) and b > 0 for b in r.prompt_buckets),
+        f"rollout.prompt_buckets must be a non-empty list of positive integers, got {r.prompt_buckets}",
+    )
+    _require(t.prompts_per_step >= 1, f"trainer.prompts_per_step must be >= 1, got {t.prompts_per_step}")
+    _require(t.mini_batches >= 1, f"trainer.mini_batches must be >= 1, got {t.mini_batches}")
+    _require(t.micro_batches >= 1, f"trainer.micro_batches must be >= 1, got {t.micro_batches}")
+    _require(
+        t.prompts_per_step % t.mini_batches == 0,
+        f"trainer.mini_batches={t.mini_batches} must divide trainer.prompts_per_step="
+        f"{t.prompts_per_step} (mini-batches hold whole groups)",
+    )
+    per_mini = t.prompts_per_step // t.mini_batches
+    _require(
+        per_mini % t.micro_batches == 0,
+        f"trainer.micro_batches={t.micro_batches} must divide the {per_mini} prompts of each "
+        f"mini-batch (prompts_per_step / mini_batches)",
+    )
+    _require(t.total_steps >= 0, f"trainer.total_steps must be >= 0, got {t.total_steps}")
+    _require(t.save_every >= 0 and t.keep_last >= 1, "trainer.save_every must be >= 0 and trainer.keep_last >= 1")
+    needs_group = a.name in ("pacs", "rloo", "grpo")
+    if a.name == "rloo" or (a.name == "pacs" and a.adv_estimator == "rloo"):
+        _require(
+            r.group_size >= 2,
+            f"rollout.group_size must be >= 2 for the rloo baseline (leave-one-out over the group), "
+            f"got {r.group_size}; use algorithm.adv_estimator=naive for single responses",
+        )
+    elif needs_group and a.name == "grpo" or (a.name == "pacs" and a.adv_estimator == "grpo"):
+        _require(
+            r.group_size >= 2,
+            f"rollout.group_size must be >= 2 for group-normalised advantages, got {r.group_size}",
+        )
+    _require(a.beta > 0, f"algorithm.beta must be > 0, got {a.beta}")
+    _require(0 <= a.clip_low < 1 and a.clip_high >= 0, "algorithm.clip_low must be in [0, 1) and clip_high >= 0")
+    _require(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
+    _require(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]")
+    _require(o.lr >= 0, f"optimizer.lr must be >= 0, got {o.lr}")
+    _require(o.grad_clip >= 0, f"optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}")
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(config.mesh, axis)
+        _require(size == -1 or size >= 1, f"mesh.{axis} must be -1 (fill) or >= 1, got {size}")
+    _require(
+        [config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
+        "only one of mesh.data / mesh.fsdp / mesh.tensor may be -1",
+    )
+    _require(config.reward.workers >= 1, f"reward.workers must be >= 1, got {config.reward.workers}")
+    _require(config.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {config.reward.timeout_s}")
+    _require(
+        config.reward.verifier == "math" or ":" in config.reward.verifier,
+        f"reward.verifier must be 'math' or 'module:function', got {config.reward.verifier!r}",
+    )
+    _require(
+        bool(config.model.path) or bool(config.model.arch),
+        "model.path (an HF folder) or model.arch (a config.json-style dict for random init) is required",
+    )
+    _require(config.data.max_prompt_tokens > 0, "data.max_prompt_tokens must be > 0")
+    _require(
+        max(r.prompt_buckets) >= config.data.max_prompt_tokens,
+        f"rollout.prompt_buckets (largest {max(r.prompt_buckets)}) must cover data.max_prompt_tokens="
+        f"{config.data.max_prompt_tokens}",
+    )
