@@ -1,0 +1,387 @@
+"""The decoder: one Flax NNX implementation for Llama 2/3/3.1, Qwen2/2.5, Qwen3 (dense) and SmolLM2.
+
+The families differ only in a few switches (q/k/v biases, per-head q/k RMSNorm, tied embeddings,
+RoPE scaling), so they share one module. Layers are stored stacked (leading `layers` axis) and run
+with `lax.scan`, so compile time does not grow with depth. Every parameter carries logical axis
+names (`logical_axes` metadata) that `pacs_jax.sharding` maps to mesh axes.
+
+The same forward pass serves training (full sequences, no cache) and sampling (a KV cache written
+at one scalar position per call; prompts are left-padded so every row writes at the same index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def resolve_dtype(name: str, what: str = "dtype"):
+    if name not in DTYPES:
+        raise ValueError(f"unknown {what} {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture plus numerics. Frozen and hashable: it is a static argument of jitted code."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    # or ("linear", factor) or None.
+    rope_scaling: Optional[tuple] = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    model_type: str = "llama"
+    max_position_embeddings: int = 4096
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json", **numerics) -> "DecoderConfig":
+        """Build from a Hugging Face config.json dict; unsupported features raise, never fall back."""
+        model_type = hf.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; supported: "
+                f"{list(SUPPORTED_MODEL_TYPES)} (Llama, Qwen2/2.5, Qwen3 dense, SmolLM2)"
+            )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise ValueError(f"{source}: missing required key {key!r}")
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy_scaling = hf.get("rope_scaling")
+        if legacy_scaling:
+            rope = {**legacy_scaling, **rope}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "llama3":
+            scaling = (
+                "llama3",
+                float(rope["factor"]),
+                float(rope["low_freq_factor"]),
+                float(rope["high_freq_factor"]),
+                int(rope["original_max_position_embeddings"]),
+            )
+        elif rope_type == "linear":
+            scaling = ("linear", float(rope["factor"]))
+        else:
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3, linear)")
+        num_heads = hf["num_attention_heads"]
+        num_kv_heads = hf.get("num_key_value_heads") or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{source}: num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases (and no o bias); Llama's attention_bias covers all four.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type in ("llama", "mistral", "qwen3") and attention_bias,
+            qk_norm=model_type == "qwen3",
+            model_type=model_type,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            **numerics,
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that `transformers` needs to load an export of this model."""
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling and self.rope_scaling[0] == "llama3":
+            _, factor, low, high, original = self.rope_scaling
+            rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=original)
+        elif self.rope_scaling:
+            rope.update(rope_type="linear", factor=self.rope_scaling[1])
+        hf = {
+            "architectures": [arch[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": self.param_dtype,
+        }
+        if self.model_type != "qwen2":
+            hf["attention_bias"] = self.qkv_bias
+        if rope["rope_type"] != "default":
+            hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        return hf
+
+
+class KVCache(NamedTuple):
+    """Keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: DecoderConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        dtype = resolve_dtype(config.compute_dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # Normalise in float32 whatever the compute dtype, as the HF reference does.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling[0] == "linear":
+        return inv_freq / scaling[1]
+    _, factor, low_freq_factor, high_freq_factor, original_len = scaling
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    low_freq_wavelen = original_len / low_freq_factor
+    high_freq_wavelen = original_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, blended, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: [B, T, heads, head_dim]; positions: [B, T]. HF's rotate-half layout."""
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention(q, k, v, mask, scale):
+    """Grouped-query attention. q: [B,T,H,D]; k, v: [B,KV,S,D]; mask: [B,T,S] bool."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, dim)
+
+
+def decoder_layer(config: DecoderConfig, params: dict, x, positions, mask, inv_freq, cache_k, cache_v, cache_index):
+    """One transformer block. With a cache (cache_k/v [B,KV,S,D]) the new keys are written at
+    `cache_index` and attention runs over the whole cache; without one, over the sequence itself."""
+    dtype = x.dtype
+    h = rms_norm(x, params["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, params["q_proj"].astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", h, params["k_proj"].astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", h, params["v_proj"].astype(dtype))
+    if config.qkv_bias:
+        q = q + params["q_bias"].astype(dtype)
+        k = k + params["k_bias"].astype(dtype)
+        v = v + params["v_bias"].astype(dtype)
+    if config.qk_norm:
+        q = rms_norm(q, params["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, params["k_norm"], config.rms_norm_eps)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    k = k.transpose(0, 2, 1, 3)  # [B, KV, T, D]
+    v = v.transpose(0, 2, 1, 3)
+    if cache_k is not None:
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
+        k, v = cache_k, cache_v
+    attn = attention(q, k, v, mask, 1.0 / math.sqrt(config.head_dim))
+    out = jnp.einsum("bthk,hkd->btd", attn, params["o_proj"].astype(dtype))
+    if config.o_bias:
+        out = out + params["o_bias"].astype(dtype)
+    x = x + out
+    h = rms_norm(x, params["mlp_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, params["gate_proj"].astype(dtype))
+    up = jnp.einsum("btd,df->btf", h, params["up_proj"].astype(dtype))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, params["down_proj"].astype(dtype))
+    return x, cache_k, cache_v
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+def layer_param_shapes(config: DecoderConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """name -> (shape without the layers axis, logical axis names)."""
+    d, f, h, kv, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads, config.head_dim
+    shapes = {
+        "attn_norm": ((d,), ("embed",)),
+        "q_proj": ((d, h, hd), ("embed", "heads", "head_dim")),
+        "k_proj": ((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+        "v_proj": ((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+        "o_proj": ((h, hd, d), ("heads", "head_dim", "embed")),
+        "mlp_norm": ((d,), ("embed",)),
+        "gate_proj": ((d, f), ("embed", "mlp")),
+        "up_proj": ((d, f), ("embed", "mlp")),
+        "down_proj": ((f, d), ("mlp", "embed")),
+    }
+    if config.qkv_bias:
+        shapes["q_bias"] = ((h, hd), ("heads", "head_dim"))
+        shapes["k_bias"] = ((kv, hd), ("kv_heads", "head_dim"))
+        shapes["v_bias"] = ((kv, hd), ("kv_heads", "head_dim"))
+    if config.o_bias:
+        shapes["o_bias"] = ((d,), ("embed",))
+    if config.qk_norm:
+        shapes["q_norm"] = ((hd,), ("head_dim",))
+        shapes["k_norm"] = ((hd,), ("head_dim",))
+    return shapes
+
+
+class Layers(nnx.Module):
+    """All decoder blocks' weights, stacked along a leading `layers` axis."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        dtype = resolve_dtype(config.param_dtype, "model.param_dtype")
+        init = nnx.initializers.normal(0.02)
+        for name, (shape, axes) in layer_param_shapes(config).items():
+            full = (config.num_layers, *shape)
+            if name.endswith("norm"):
+                value = jnp.ones(full, dtype)
+            elif name.endswith("bias"):
+                value = jnp.zeros(full, dtype)
+            else:
+                value = init(rngs.params(), full, dtype)
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+
+class Decoder(nnx.Module):
+    """Causal LM. `model(ids)` -> float32 logits [B, T, V]; with a cache it also returns the cache."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = resolve_dtype(config.param_dtype, "model.param_dtype")
+        resolve_dtype(config.compute_dtype, "model.compute_dtype")
+        if config.remat not in ("none", "full", "dots"):
+            raise ValueError(f"model.remat {config.remat!r} is not one of ['none', 'full', 'dots']")
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), dtype), logical_axes=("vocab", "embed"))
+        self.layers = Layers(config, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype), logical_axes=("embed",))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), (config.hidden_size, config.vocab_size), dtype), logical_axes=("embed", "vocab"))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
+        cache: Optional[KVCache] = None,
+        cache_index: jax.Array | int = 0,
+        return_hidden: bool = False,
+    ):
+        """input_ids [B, T] int32. attention_mask [B, T] (or [B, S] with a cache: which cache slots
+        hold real tokens) with 0 on left padding. positions default to the count of real tokens
+        before each one, so left padding does not shift RoPE."""
+        config = self.config
+        compute = resolve_dtype(config.compute_dtype)
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length if cache is None else cache.k.shape[3]), jnp.int32)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            if cache is None:
+                positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+            else:
+                seen = jnp.cumsum(attention_mask, axis=1) - 1
+                positions = jax.lax.dynamic_slice_in_dim(seen, cache_index, length, axis=1)
+                positions = jnp.maximum(positions, 0)
+
+        if cache is None:
+            causal = jnp.tril(jnp.ones((length, length), bool))
+            mask = causal[None] & attention_mask[:, None, :]
+        else:
+            slots = jnp.arange(cache.k.shape[3])
+            query_slots = cache_index + jnp.arange(length)
+            causal = slots[None, :] <= query_slots[:, None]
+            mask = causal[None] & attention_mask[:, None, :]
+
+        x = self.embed[...].astype(compute)[input_ids]
+        inv_freq = rope_inverse_frequencies(config)
+        layer_params = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(config)}
+
+        def body(x, layer_inputs):
+            params, cache_k, cache_v = layer_inputs
+            x, cache_k, cache_v = decoder_layer(config, params, x, positions, mask, inv_freq, cache_k, cache_v, cache_index)
+            return x, (cache_k, cache_v)
+
+        if config.remat == "full":
+            body = jax.checkpoint(body, prevent_cse=False)
+        elif config.remat == "dots":
+            body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        cache_layers = (cache.k, cache.v) if cache is not None else (None, None)
+        x, (new_k, new_v) = jax.lax.scan(body, x, (layer_params, *cache_layers))
+        hidden = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
+        if return_hidden:
+            return hidden
+        logits = self.logits(hidden)
+        if cache is None:
+            return logits
+        return logits, KVCache(new_k, new_v)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        compute = resolve_dtype(self.config.compute_dtype)
+        if self.config.tie_word_embeddings:
+            head = self.embed[...].astype(compute).T
+        else:
+            head = self.lm_head[...].astype(compute)
+        return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+
+
+def init_decoder(config: DecoderConfig, seed: int = 0) -> Decoder:
+    return Decoder(config, rngs=nnx.Rngs(params=seed))
