@@ -1,0 +1,450 @@
+"""The losses against independent float64 NumPy references written as explicit loops over
+groups, responses and tokens, plus closed-form gradients and scikit-learn's class weights."""
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.utils.class_weight import compute_class_weight
+
+from pacs_jax.algorithms import (
+    aggregate_loss,
+    gae,
+    grpo_advantages,
+    grpo_loss,
+    outcome_token_rewards,
+    pacs_loss,
+    ppo_policy_loss,
+    rloo_loss,
+    value_loss,
+)
+from pacs_jax.algorithms.pacs import sample_weights
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Run every test with float64 enabled so references can be compared at 1e-9."""
+    if hasattr(jax, "enable_x64"):
+        context = jax.enable_x64(True)
+    else:  # older JAX
+        from jax.experimental import enable_x64
+
+        context = enable_x64()
+    with context:
+        yield
+
+
+def make_batch(seed, prompts=5, group_size=4, length=7, spread=0.5):
+    """Random rollout batch: group 0 all correct, group 1 all wrong, the rest random; right-
+    padded masks of random length, and one response (index 2 * G + 1) with an empty mask."""
+    rng = np.random.default_rng(seed)
+    n = prompts * group_size
+    logprobs = -rng.exponential(1.0, size=(n, length))
+    old_logprobs = logprobs + rng.normal(0.0, spread, size=(n, length))
+    lengths = rng.integers(1, length + 1, size=n)
+    lengths[2 * group_size + 1] = 0
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float64)
+    rewards = rng.integers(0, 2, size=n).astype(np.float64)
+    rewards[:group_size] = 1.0
+    rewards[group_size : 2 * group_size] = 0.0
+    rewards[2 * group_size : 3 * group_size] = [1.0, 0.0, 0.0, 1.0][:group_size]
+    return logprobs, old_logprobs, mask, rewards
+
+
+def softplus(x):
+    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# ------------------------------------------------------------------------ PACS reference
+
+
+def np_scores(logprobs, old_logprobs, mask, beta, reward_method):
+    scores = np.zeros(len(mask))
+    for i in range(len(mask)):
+        if reward_method == "1":
+            scores[i] = beta * sum((logprobs[i, t] - old_logprobs[i, t]) * mask[i, t] for t in range(mask.shape[1]))
+        else:
+            real = mask[i].sum()
+            total = sum(logprobs[i, t] * mask[i, t] for t in range(mask.shape[1]))
+            scores[i] = beta * total / real if real > 0 else 0.0
+    return scores
+
+
+def np_psi(scores, group_size, adv_estimator, norm_adv_by_std):
+    psi = np.zeros_like(scores)
+    for start in range(0, len(scores), group_size):
+        group = list(scores[start : start + group_size])
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((s - mean) ** 2 for s in group) / (group_size - 1)) if group_size > 1 else 0.0
+        for k, s in enumerate(group):
+            if adv_estimator == "naive":
+                psi[start + k] = s
+            elif adv_estimator == "rloo":
+                psi[start + k] = s - sum(group[j] for j in range(group_size) if j != k) / (group_size - 1)
+            elif norm_adv_by_std:
+                psi[start + k] = (s - mean) / (std + 1e-6)
+            else:
+                psi[start + k] = s - mean
+    return psi
+
+
+def np_weights(rewards, group_size, weight_mode):
+    weights = np.ones_like(rewards)
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        num_correct = int(sum(group))
+        num_wrong = group_size - num_correct
+        for k, r in enumerate(group):
+            if weight_mode == "only_positive":
+                weights[start + k] = r
+            elif weight_mode == "only_negative":
+                weights[start + k] = 1 - r
+            elif weight_mode == "question" and num_correct and num_wrong:
+                weights[start + k] = group_size / (2 * (num_correct if r == 1 else num_wrong))
+    return weights
+
+
+def np_pacs(logprobs, old_logprobs, mask, rewards, group_size, beta, reward_method, adv_estimator, norm, weight_mode):
+    scores = np_scores(logprobs, old_logprobs, mask, beta, reward_method)
+    psi = np_psi(scores, group_size, adv_estimator, norm)
+    weights = np_weights(rewards, group_size, weight_mode)
+    n = len(rewards)
+    loss = sum(weights[i] * (softplus(psi[i]) - rewards[i] * psi[i]) for i in range(n)) / n
+    prob = [sigmoid(p) for p in psi]
+    groups = [rewards[s : s + group_size] for s in range(0, n, group_size)]
+    metrics = {
+        "pacs/psi_mean": psi.mean(),
+        "pacs/psi_std": psi.std(),
+        "pacs/psi_min": psi.min(),
+        "pacs/psi_max": psi.max(),
+        "pacs/score_mean": scores.mean(),
+        "pacs/critic_accuracy": np.mean([(prob[i] > 0.5) == (rewards[i] == 1) for i in range(n)]),
+        "pacs/critic_log_loss": -np.mean(
+            [rewards[i] * math.log(prob[i]) + (1 - rewards[i]) * math.log(1 - prob[i]) for i in range(n)]
+        ),
+        "pacs/weight_mean": weights.mean(),
+        "pacs/mixed_group_fraction": np.mean([0 < g.sum() < group_size for g in groups]),
+    }
+    return loss, metrics, scores, psi, weights
+
+
+def np_pacs_grad(logprobs, old_logprobs, mask, rewards, group_size, beta, reward_method, adv_estimator, norm, weight_mode):
+    """PACS.md's closed form: dL/dlogp_kt = (1/N) sum_i w_i (sigmoid(psi_i) - r_i) dpsi_i/ds_k ds_k/dlogp_kt."""
+    _, _, scores, psi, weights = np_pacs(
+        logprobs, old_logprobs, mask, rewards, group_size, beta, reward_method, adv_estimator, norm, weight_mode
+    )
+    n, length = mask.shape
+    grad = np.zeros_like(logprobs)
+    for start in range(0, n, group_size):
+        group = scores[start : start + group_size]
+        mean = group.mean()
+        std = math.sqrt(sum((s - mean) ** 2 for s in group) / (group_size - 1)) if group_size > 1 else 0.0
+        for k in range(group_size):
+            dloss_dsk = 0.0
+            for i in range(group_size):
+                same = 1.0 if i == k else 0.0
+                if adv_estimator == "naive":
+                    dpsi = same
+                elif adv_estimator == "rloo":
+                    dpsi = same - (1 - same) / (group_size - 1)
+                elif not norm:
+                    dpsi = same - 1 / group_size
+                else:
+                    dstd = (group[k] - mean) / ((group_size - 1) * std)
+                    dpsi = (same - 1 / group_size) / (std + 1e-6) - (group[i] - mean) * dstd / (std + 1e-6) ** 2
+                row = start + i
+                dloss_dsk += weights[row] * (sigmoid(psi[row]) - rewards[row]) * dpsi / n
+            row = start + k
+            real = mask[row].sum()
+            for t in range(length):
+                if reward_method == "1":
+                    ds = beta * mask[row, t]
+                else:
+                    ds = beta * mask[row, t] / real if real > 0 else 0.0
+                grad[row, t] = dloss_dsk * ds
+    return grad
+
+
+PACS_OPTIONS = list(
+    itertools.product(["1", "2"], ["rloo", "grpo", "naive"], [True, False], [None, "question", "only_positive", "only_negative"], [1.0, 2.0])
+)
+
+
+@pytest.mark.parametrize("reward_method,adv_estimator,norm,weight_mode,beta", PACS_OPTIONS)
+def test_pacs_loss_metrics_and_gradient_match_numpy(reward_method, adv_estimator, norm, weight_mode, beta):
+    lp, old, mask, rewards = make_batch(seed=PACS_OPTIONS.index((reward_method, adv_estimator, norm, weight_mode, beta)))
+    options = dict(beta=beta, reward_method=reward_method, adv_estimator=adv_estimator, norm_adv_by_std=norm, weight_mode=weight_mode)
+    ref_loss, ref_metrics, *_ = np_pacs(lp, old, mask, rewards, 4, beta, reward_method, adv_estimator, norm, weight_mode)
+
+    def loss_fn(logprobs):
+        return pacs_loss(logprobs, jnp.asarray(old), jnp.asarray(mask), jnp.asarray(rewards), group_size=4, **options)
+
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(lp))
+    assert loss.dtype == jnp.float64
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    assert set(metrics) == set(ref_metrics)
+    for name, value in ref_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, **TOL, err_msg=name)
+    ref_grad = np_pacs_grad(lp, old, mask, rewards, 4, beta, reward_method, adv_estimator, norm, weight_mode)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-8, atol=1e-10)
+    assert np.all(grad[mask == 0] == 0)  # padding never gets gradient
+
+
+def test_pacs_loss_jits_and_matches_eager():
+    lp, old, mask, rewards = make_batch(seed=3)
+    args = [jnp.asarray(a) for a in (lp, old, mask, rewards)]
+    fn = functools.partial(pacs_loss, group_size=4, beta=2.0, weight_mode="question", adv_estimator="grpo")
+    eager_loss, _ = fn(*args)
+    jit_loss, jit_metrics = jax.jit(fn)(*args)
+    np.testing.assert_allclose(jit_loss, eager_loss, **TOL)
+    assert all(v.shape == () for v in jit_metrics.values())
+
+
+def test_question_weights_are_sklearn_balanced_per_mixed_group():
+    rng = np.random.default_rng(7)
+    group_size, prompts = 8, 40
+    rewards = rng.integers(0, 2, size=(prompts, group_size)).astype(np.float64)
+    rewards[0], rewards[1] = 1.0, 0.0
+    weights = np.asarray(sample_weights(jnp.asarray(rewards.reshape(-1)), group_size, "question")).reshape(prompts, group_size)
+    for labels, got in zip(rewards, weights):
+        if 0 < labels.sum() < group_size:
+            per_class = compute_class_weight("balanced", classes=np.array([0.0, 1.0]), y=labels)
+            np.testing.assert_allclose(got, per_class[labels.astype(int)], **TOL)
+        else:
+            np.testing.assert_array_equal(got, np.ones(group_size))
+    assert any(0 < labels.sum() < group_size for labels in rewards)
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+@pytest.mark.parametrize("weight_mode", [None, "question"])
+def test_on_policy_pacs_gradient_is_beta_times_rloo_gradient(beta, weight_mode):
+    lp, _, mask, rewards = make_batch(seed=11)
+    old, mask_j, rewards_j = jnp.asarray(lp), jnp.asarray(mask), jnp.asarray(rewards)
+    pacs_grad = jax.grad(
+        lambda x: pacs_loss(x, old, mask_j, rewards_j, group_size=4, beta=beta, weight_mode=weight_mode)[0]
+    )(jnp.asarray(lp))
+    # RLOO is blind to a constant reward shift; with weights, PACS on-policy is RLOO on w * (r - 1/2).
+    effective = rewards if weight_mode is None else np_weights(rewards, 4, weight_mode) * (rewards - 0.5)
+    rloo_grad = jax.grad(lambda x: rloo_loss(x, mask_j, jnp.asarray(effective), group_size=4)[0])(jnp.asarray(lp))
+    np.testing.assert_allclose(pacs_grad, beta * rloo_grad, **TOL)
+    assert np.abs(np.asarray(pacs_grad)).max() > 1e-3  # a real, non-trivial gradient
+
+
+# ------------------------------------------------------------------------ aggregation / RLOO / GRPO
+
+
+def np_aggregate(loss_mat, mask, mode):
+    n, length = mask.shape
+    sums = [sum(loss_mat[i, t] * mask[i, t] for t in range(length)) for i in range(n)]
+    counts = [mask[i].sum() for i in range(n)]
+    if mode == "token-mean":
+        return sum(sums) / sum(counts)
+    if mode == "seq-mean-token-sum":
+        return sum(sums) / n
+    if mode == "seq-mean-token-mean":
+        return sum(s / c if c > 0 else 0.0 for s, c in zip(sums, counts)) / n
+    return sum(s / length for s in sums) / n
+
+
+def np_masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_aggregate_loss_matches_numpy(mode):
+    rng = np.random.default_rng(1)
+    _, _, mask, _ = make_batch(seed=1)
+    loss_mat = rng.normal(size=mask.shape)
+    np.testing.assert_allclose(aggregate_loss(jnp.asarray(loss_mat), jnp.asarray(mask), mode), np_aggregate(loss_mat, mask, mode), **TOL)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_rloo_loss_matches_numpy(mode):
+    lp, _, mask, rewards = make_batch(seed=5)
+    advantages = np.zeros_like(rewards)
+    for start in range(0, len(rewards), 4):
+        for k in range(4):
+            others = [rewards[start + j] for j in range(4) if j != k]
+            advantages[start + k] = rewards[start + k] - sum(others) / 3
+    expected = np_aggregate(-advantages[:, None] * lp, mask, mode)
+    loss, _ = rloo_loss(jnp.asarray(lp), jnp.asarray(mask), jnp.asarray(rewards), group_size=4, loss_agg_mode=mode)
+    np.testing.assert_allclose(loss, expected, **TOL)
+
+
+def np_grpo_advantages(rewards, group_size, norm, eps=1e-6):
+    out = np.zeros_like(rewards)
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        mean = group.mean()
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))
+        for k in range(group_size):
+            out[start + k] = (group[k] - mean) / (std + eps) if norm else group[k] - mean
+    return out
+
+
+def np_clipped_surrogate(lp, old, advantages, mask, clip_low, clip_high):
+    loss_mat, clipped = np.zeros_like(lp), np.zeros_like(lp)
+    for i, t in itertools.product(range(lp.shape[0]), range(lp.shape[1])):
+        ratio = math.exp(lp[i, t] - old[i, t])
+        a = advantages[i, t]
+        plain, bounded = -a * ratio, -a * min(max(ratio, 1 - clip_low), 1 + clip_high)
+        loss_mat[i, t] = max(plain, bounded)
+        clipped[i, t] = float(bounded > plain)
+    return loss_mat, clipped
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_advantages_match_numpy(norm):
+    _, _, _, rewards = make_batch(seed=2, prompts=6)
+    np.testing.assert_allclose(grpo_advantages(jnp.asarray(rewards), 4, norm), np_grpo_advantages(rewards, 4, norm), **TOL)
+
+
+@pytest.mark.parametrize("mode,with_ref", [(m, r) for m in AGG_MODES for r in (False, True)])
+def test_grpo_loss_and_metrics_match_numpy(mode, with_ref):
+    lp, old, mask, rewards = make_batch(seed=9, spread=0.3)
+    ref = lp + np.random.default_rng(4).normal(0, 0.4, size=lp.shape)
+    clip_low, clip_high, kl_coef = 0.2, 0.28, 0.05
+    advantages = np.repeat(np_grpo_advantages(rewards, 4, True)[:, None], lp.shape[1], axis=1)
+    loss_mat, clipped = np_clipped_surrogate(lp, old, advantages, mask, clip_low, clip_high)
+    expected = np_aggregate(loss_mat, mask, mode)
+    k3 = np.exp(ref - lp) - (ref - lp) - 1
+    if with_ref:
+        expected += kl_coef * np_aggregate(k3, mask, mode)
+    kwargs = dict(ref_logprobs=jnp.asarray(ref), kl_coef=kl_coef) if with_ref else {}
+    loss, metrics = grpo_loss(
+        jnp.asarray(lp), jnp.asarray(old), jnp.asarray(mask), jnp.asarray(rewards),
+        group_size=4, clip_low=clip_low, clip_high=clip_high, loss_agg_mode=mode, **kwargs,
+    )
+    np.testing.assert_allclose(loss, expected, **TOL)
+    frac = np_masked_mean(clipped, mask)
+    assert 0 < frac < 1  # both clipped and unclipped tokens are exercised
+    np.testing.assert_allclose(metrics["actor/clip_fraction"], frac, **TOL)
+    np.testing.assert_allclose(metrics["actor/approx_kl"], np_masked_mean(old - lp, mask), **TOL)
+    if with_ref:
+        np.testing.assert_allclose(metrics["actor/ref_kl"], np_masked_mean(k3, mask), **TOL)
+
+
+# ------------------------------------------------------------------------ PPO
+
+
+def test_outcome_token_rewards_sit_on_last_real_token():
+    _, _, mask, rewards = make_batch(seed=4)
+    mask[3, 1] = 0.0  # a hole in the middle must not move the last real token
+    expected = np.zeros_like(mask)
+    for i in range(len(mask)):
+        real = [t for t in range(mask.shape[1]) if mask[i, t] > 0]
+        if real:
+            expected[i, real[-1]] = rewards[i]
+    np.testing.assert_array_equal(outcome_token_rewards(jnp.asarray(rewards), jnp.asarray(mask)), expected)
+
+
+def np_gae(rewards, values, mask, gamma, lam, whiten):
+    n, length = mask.shape
+    advantages = np.zeros_like(values)
+    for i in range(n):
+        next_value, next_adv = 0.0, 0.0
+        for t in reversed(range(length)):
+            delta = rewards[i, t] + gamma * next_value - values[i, t]
+            adv = delta + gamma * lam * next_adv
+            if mask[i, t]:
+                next_value, next_adv = values[i, t], adv
+            advantages[i, t] = next_adv
+    returns = advantages + values
+    if whiten:
+        real = advantages[mask > 0]
+        mean, var = real.mean(), real.var(ddof=1)
+        advantages = (advantages - mean) / math.sqrt(var + 1e-8)
+    return advantages * mask, returns * mask
+
+
+@pytest.mark.parametrize("gamma,lam,whiten", [(1.0, 1.0, False), (0.99, 0.95, True), (0.9, 0.5, False)])
+def test_gae_matches_numpy_backward_loop(gamma, lam, whiten):
+    rng = np.random.default_rng(6)
+    _, _, mask, rewards = make_batch(seed=6)
+    token_rewards = np.array(outcome_token_rewards(jnp.asarray(rewards), jnp.asarray(mask)))
+    token_rewards += rng.normal(0, 0.1, size=mask.shape) * mask  # dense rewards exercise every step
+    values = rng.normal(size=mask.shape)
+    args = [jnp.asarray(a) for a in (token_rewards, values, mask)]
+    advantages, returns = jax.jit(gae, static_argnums=(3, 4, 5))(*args, gamma, lam, whiten)
+    ref_adv, ref_ret = np_gae(token_rewards, values, mask, gamma, lam, whiten)
+    np.testing.assert_allclose(advantages, ref_adv, **TOL)
+    np.testing.assert_allclose(returns, ref_ret, **TOL)
+
+
+def test_gae_with_unit_gamma_lambda_is_reward_to_go_minus_value():
+    rng = np.random.default_rng(8)
+    _, _, mask, _ = make_batch(seed=8)
+    rewards, values = rng.normal(size=mask.shape) * mask, rng.normal(size=mask.shape)
+    advantages, _ = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), 1.0, 1.0, whiten=False)
+    to_go = np.cumsum(rewards[:, ::-1], axis=1)[:, ::-1]
+    np.testing.assert_allclose(advantages, (to_go - values) * mask, **TOL)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_ppo_policy_loss_matches_numpy(mode):
+    lp, old, mask, _ = make_batch(seed=12, spread=0.3)
+    advantages = np.random.default_rng(12).normal(size=lp.shape)
+    loss_mat, clipped = np_clipped_surrogate(lp, old, advantages, mask, 0.1, 0.3)
+    loss, metrics = ppo_policy_loss(jnp.asarray(lp), jnp.asarray(old), jnp.asarray(advantages), jnp.asarray(mask), 0.1, 0.3, mode)
+    np.testing.assert_allclose(loss, np_aggregate(loss_mat, mask, mode), **TOL)
+    np.testing.assert_allclose(metrics["actor/clip_fraction"], np_masked_mean(clipped, mask), **TOL)
+
+
+def test_value_loss_matches_numpy():
+    rng = np.random.default_rng(13)
+    _, _, mask, _ = make_batch(seed=13)
+    old_values = rng.normal(size=mask.shape)
+    values = old_values + rng.normal(0, 0.6, size=mask.shape)
+    returns = rng.normal(size=mask.shape)
+    clip = 0.3
+    errors, clipped = np.zeros_like(values), np.zeros_like(values)
+    for i, t in itertools.product(range(mask.shape[0]), range(mask.shape[1])):
+        bounded = min(max(values[i, t], old_values[i, t] - clip), old_values[i, t] + clip)
+        plain_err, clip_err = (values[i, t] - returns[i, t]) ** 2, (bounded - returns[i, t]) ** 2
+        errors[i, t] = max(plain_err, clip_err)
+        clipped[i, t] = float(clip_err > plain_err)
+    loss, metrics = value_loss(*(jnp.asarray(a) for a in (values, old_values, returns, mask)), clip)
+    np.testing.assert_allclose(loss, 0.5 * np_masked_mean(errors, mask), **TOL)
+    frac = np_masked_mean(clipped, mask)
+    assert 0 < frac < 1
+    np.testing.assert_allclose(metrics["critic/clip_fraction"], frac, **TOL)
+
+
+# ------------------------------------------------------------------------ bad options
+
+
+def test_bad_options_raise_value_error_naming_the_argument():
+    lp, old, mask, rewards = (jnp.asarray(a) for a in make_batch(seed=0))
+    calls = {
+        "reward_method": lambda: pacs_loss(lp, old, mask, rewards, group_size=4, reward_method="3"),
+        "adv_estimator": lambda: pacs_loss(lp, old, mask, rewards, group_size=4, adv_estimator="gae"),
+        "weight_mode": lambda: pacs_loss(lp, old, mask, rewards, group_size=4, weight_mode="balanced"),
+        "loss_agg_mode": lambda: grpo_loss(lp, old, mask, rewards, group_size=4, loss_agg_mode="mean"),
+        "group_size": lambda: pacs_loss(lp, old, mask, rewards, group_size=3),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=name):
+            call()
+    for call in (
+        lambda: aggregate_loss(lp, mask, "sum"),
+        lambda: rloo_loss(lp, mask, rewards, group_size=4, loss_agg_mode="sum"),
+        lambda: ppo_policy_loss(lp, old, lp, mask, 0.2, 0.2, "sum"),
+        lambda: value_loss(lp, old, lp, mask, 0.2, loss_agg_mode="sum"),
+    ):
+        with pytest.raises(ValueError, match="loss_agg_mode"):
+            call()
+    with pytest.raises(ValueError, match="group_size"):
+        rloo_loss(lp, mask, rewards, group_size=1)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(lp, old, mask, rewards, group_size=4, kl_coef=0.1)
