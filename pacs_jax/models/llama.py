@@ -325,7 +325,8 @@ class Decoder(nnx.Module):
         cache_index: jax.Array | int = 0,
         return_hidden: bool = False,
     ):
-        """input_ids [B, T] int32. attention_mask [B, T] (or [B, S] with a cache: which cache slots
+        """input_ids [B, T] int32. Returns logits (or final hidden states with `return_hidden`),
+        plus the updated cache when one is given. attention_mask [B, T] (or [B, S] with a cache: which cache slots
         hold real tokens) with 0 on left padding. positions default to the count of real tokens
         before each one, so left padding does not shift RoPE."""
         config = self.config
@@ -366,13 +367,12 @@ class Decoder(nnx.Module):
             body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         cache_layers = (cache.k, cache.v) if cache is not None else (None, None)
         x, (new_k, new_v) = jax.lax.scan(body, x, (layer_params, *cache_layers))
-        hidden = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
-        if return_hidden:
-            return hidden
-        logits = self.logits(hidden)
+        out = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
+        if not return_hidden:
+            out = self.logits(out)
         if cache is None:
-            return logits
-        return logits, KVCache(new_k, new_v)
+            return out
+        return out, KVCache(new_k, new_v)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         compute = resolve_dtype(self.config.compute_dtype)

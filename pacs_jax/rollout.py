@@ -1,0 +1,188 @@
+"""The sampler: groups of responses from left-padded prompts, with a KV cache, in one jitted program.
+
+Prefill runs once per prompt (not once per response: the cache is then repeated G times), decode
+is a `lax.while_loop` that stops as soon as every row has emitted a stop token. Shapes are static
+(prompts are padded to length buckets), so a new batch of the same bucket never recompiles.
+
+The log-probs returned are those of the sampling distribution with temperature applied and before
+top-k / top-p truncation, which is what the training forward pass recomputes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pacs_jax.models.llama import Decoder, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"rollout.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+class Rollout(NamedTuple):
+    """Responses for N = prompts x G rows (each prompt's G responses contiguous)."""
+
+    prompt_ids: jax.Array  # [N, P] left-padded
+    prompt_mask: jax.Array  # [N, P]
+    response_ids: jax.Array  # [N, T], pad after the stop token
+    response_mask: jax.Array  # [N, T], 1 up to and including the stop token
+    logprobs: jax.Array  # [N, T] sampler log-probs (0 on padding)
+    lengths: jax.Array  # [N]
+    decode_steps: jax.Array  # scalar: loop iterations actually run
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    fitting = [b for b in sorted(buckets) if b >= length]
+    if not fitting:
+        raise ValueError(
+            f"a prompt of {length} tokens is longer than the largest bucket {max(buckets)}: filter it "
+            f"(data.overlong_prompts=filter) or raise data.max_prompt_tokens and rollout.prompt_buckets"
+        )
+    return fitting[0]
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to the smallest bucket that holds the longest one."""
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt cannot be sampled from (it has no last token)")
+    width = pick_bucket(max(len(p) for p in prompts), buckets)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Mask (to -inf) everything outside the top-k tokens and the top-p nucleus."""
+    neg_inf = jnp.finfo(logits.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token while the mass strictly before it is below top_p (the top token always stays).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    return logits
+
+
+def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Returns (token, log-prob of it under softmax(logits / T)) for logits [N, V] float32."""
+    if params.temperature == 0:
+        token = jnp.argmax(logits, axis=-1)
+        return token, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
+    scaled = logits / params.temperature
+    token = jax.random.categorical(key, filter_logits(scaled, params.top_k, params.top_p), axis=-1)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), token[:, None], -1)[:, 0]
+    return token, logprob
+
+
+@partial(jax.jit, static_argnames=("graphdef", "params", "group_size"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: SamplingParams, group_size: int) -> Rollout:
+    model: Decoder = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt_ids.shape
+    new = params.max_new_tokens
+    total = prompt_len + new
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new), prompt_mask.dtype)], axis=1)
+
+    # Prefill once per prompt, then give each of the G responses its own copy of the cache.
+    cache = KVCache.zeros(model.config, batch, total)
+    hidden, cache = _forward_hidden(model, prompt_ids, cache_mask, cache, 0)
+    logits = model.logits(hidden[:, -1:])[:, 0]
+    repeat = partial(jnp.repeat, repeats=group_size, axis=0)
+    cache = KVCache(jnp.repeat(cache.k, group_size, axis=1), jnp.repeat(cache.v, group_size, axis=1))
+    logits, cache_mask = repeat(logits), repeat(cache_mask)
+    rows = batch * group_size
+    stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < new) & ~jnp.all(done)
+
+    def body(carry):
+        step, logits, cache, done, response, logprobs = carry
+        token, logprob = sample_token(logits, jax.random.fold_in(key, step), params)
+        token = jnp.where(done, params.pad_id, token).astype(jnp.int32)
+        response = response.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+        done = done | jnp.isin(token, stop_ids)
+        hidden, cache = _forward_hidden(model, token[:, None], cache_mask, cache, prompt_len + step)
+        return step + 1, model.logits(hidden)[:, 0], cache, done, response, logprobs
+
+    carry = (
+        jnp.int32(0),
+        logits,
+        cache,
+        jnp.zeros((rows,), bool),
+        jnp.full((rows,), params.pad_id, jnp.int32).repeat(new).reshape(rows, new),
+        jnp.zeros((rows, new), jnp.float32),
+    )
+    steps, _, _, _, response, logprobs = jax.lax.while_loop(cond, body, carry)
+
+    is_stop = jnp.isin(response, stop_ids) & (jnp.arange(new)[None, :] < steps)
+    # 1 up to and including the first stop token; rows that never stop keep every sampled token.
+    stops_before = jnp.cumsum(is_stop, axis=1) - is_stop
+    response_mask = ((stops_before == 0) & (jnp.arange(new)[None, :] < steps)).astype(jnp.int32)
+    return Rollout(
+        prompt_ids=repeat(prompt_ids),
+        prompt_mask=repeat(prompt_mask),
+        response_ids=response,
+        response_mask=response_mask,
+        logprobs=logprobs * response_mask,
+        lengths=response_mask.sum(axis=1),
+        decode_steps=steps,
+    )
+
+
+def _forward_hidden(model: Decoder, ids, cache_mask, cache, index):
+    """Runs the decoder over `ids` written at cache slot `index`; returns final hidden states."""
+    return model(ids, attention_mask=cache_mask, cache=cache, cache_index=index, return_hidden=True)
+
+
+def generate(
+    model_or_split,
+    prompt_ids,
+    prompt_mask,
+    key: jax.Array,
+    params: SamplingParams,
+    group_size: int = 1,
+) -> Rollout:
+    """Sample `group_size` responses per prompt. `model_or_split` is a Decoder or (graphdef, state)
+    (pass the split form in loops: merging once outside avoids walking the object graph per call)."""
+    if group_size < 1:
+        raise ValueError(f"rollout.group_size must be >= 1, got {group_size}")
+    if isinstance(model_or_split, Decoder):
+        graphdef, state = nnx.split(model_or_split)
+    else:
+        graphdef, state = model_or_split
+    return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), key, params=params, group_size=group_size)

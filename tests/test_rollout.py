@@ -1,0 +1,196 @@
+"""The sampler against independent references: transformers' greedy generate, the training
+forward pass, and the softmax distribution (chi-square)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
+from pacs_jax.rollout import SamplingParams, _generate, filter_logits, generate, pad_prompts, sample_token
+from pacs_jax.update import response_logprobs
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=256)
+
+
+def hf_tiny(tmp_path, kind):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if kind == "llama":
+        config = transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+        cls = transformers.Qwen2ForCausalLM
+    torch.manual_seed(1)
+    model = cls(config).eval()
+    with torch.no_grad():  # larger weights make greedy choices decisive (no near-ties)
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def hf_greedy(model, prompts, max_new_tokens, eos_id, pad_id=0):
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+    return out[:, width:].numpy()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_matches_transformers_generate(kind, tmp_path):
+    hf_model = hf_tiny(tmp_path, kind)
+    model = from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, 97, n)) for n in (5, 12, 1, 9)]
+    # Pick a stop token that greedy decoding actually emits for some row, so stopping is exercised.
+    free_run = hf_greedy(hf_model, prompts, 12, eos_id=None)
+    eos_id = int(free_run[1, 4])
+    expected = hf_greedy(hf_model, prompts, 12, eos_id=eos_id)
+    ids, mask = pad_prompts(prompts, [16, 32], pad_id=0)
+    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(eos_id,)))
+    response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
+    for row in range(len(prompts)):
+        want = list(expected[row])
+        if eos_id in want:
+            want = want[: want.index(eos_id) + 1]
+        got = list(response[row][response_mask[row] == 1])
+        assert got == want, (row, got, want)
+        assert int(out.lengths[row]) == len(want)
+
+
+def test_logprobs_equal_training_forward():
+    config = DecoderConfig.from_hf({**TINY, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+    model = init_decoder(config, seed=0)
+    ids, mask = pad_prompts([[5, 6, 7], [8, 9, 10, 11, 12, 13]], [8], pad_id=0)
+    params = SamplingParams(16, temperature=0.7, top_k=20, top_p=0.9, stop_ids=(3, 4, 5))
+    out = generate(model, ids, mask, jax.random.key(7), params, group_size=3)
+    assert out.response_ids.shape == (6, 16)
+    recomputed = response_logprobs(model, out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, temperature=0.7)
+    np.testing.assert_allclose(np.asarray(recomputed), np.asarray(out.logprobs), atol=1e-4)
+    assert np.all(np.asarray(out.logprobs)[np.asarray(out.response_mask) == 0] == 0)
+    # Every row of a group sampled with its own randomness.
+    assert len({tuple(r) for r in np.asarray(out.response_ids)[:3]}) > 1
+
+
+def test_response_mask_ends_at_first_stop_token():
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
+    model = init_decoder(config)
+    ids, mask = pad_prompts([[1, 2, 3]] * 4, [4], 0)
+    stops = (10, 20, 30, 40, 50)
+    out = generate(model, ids, mask, jax.random.key(1), SamplingParams(24, temperature=1.0, stop_ids=stops), group_size=2)
+    for row, row_mask in zip(np.asarray(out.response_ids), np.asarray(out.response_mask)):
+        n = int(row_mask.sum())
+        assert row_mask[:n].all() and not row_mask[n:].any()
+        hits = [i for i, t in enumerate(row) if t in stops and i < n]
+        if hits:
+            assert hits == [n - 1]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (8, 0.8)])
+def test_sampling_distribution_chi_square(top_k, top_p):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, 16).astype(np.float32)
+    temperature = 0.8
+    params = SamplingParams(1, temperature=temperature, top_k=top_k, top_p=top_p)
+    draws = 20000
+    keys = jax.random.split(jax.random.key(123), draws)
+    tokens = jax.vmap(lambda k: sample_token(jnp.asarray(logits)[None], k, params)[0][0])(keys)
+    counts = np.bincount(np.asarray(tokens), minlength=16)
+    # Reference in float64 NumPy: softmax(logits / T) restricted to top-k, then the top-p nucleus.
+    probs = np.exp(logits.astype(np.float64) / temperature)
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = np.zeros(16, bool)
+    keep[order[: top_k or 16]] = True
+    probs_k = np.where(keep, probs, 0)
+    probs_k /= probs_k.sum()
+    mass = 0.0
+    nucleus = np.zeros(16, bool)
+    for idx in np.argsort(-probs_k):
+        if mass < top_p and probs_k[idx] > 0:
+            nucleus[idx] = True
+        mass += probs_k[idx]
+    expected = np.where(nucleus, probs_k, 0)
+    expected /= expected.sum()
+    assert counts[~nucleus].sum() == 0
+    stat, p_value = scipy_stats.chisquare(counts[nucleus], expected[nucleus] * draws)
+    assert p_value > 1e-3, (stat, p_value)
+
+
+def test_filter_logits_keeps_top_token_even_when_p_is_tiny():
+    logits = jnp.asarray([[3.0, 1.0, 0.5, -1.0]])
+    kept = np.isfinite(np.asarray(filter_logits(logits, 0, 0.01))) & (np.asarray(filter_logits(logits, 0, 0.01)) > -1e30)
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_early_stop_runs_fewer_iterations():
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
+    model = init_decoder(config, seed=2)
+    ids, mask = pad_prompts([[4, 5, 6], [7, 8]], [8], 0)
+    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0))
+    assert int(free.decode_steps) == 20
+    # Stop on the tokens greedy decoding emits at step 3: every row is done after 4 iterations.
+    stops = tuple(int(t) for t in np.asarray(free.response_ids)[:, 3])
+    early = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0, stop_ids=stops))
+    assert int(early.decode_steps) <= 4
+    assert np.asarray(early.lengths).max() <= 4
+
+
+def test_no_recompile_within_a_bucket():
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
+    model = init_decoder(config)
+    params = SamplingParams(4, temperature=1.0, stop_ids=(2,))
+    rng = np.random.default_rng(0)
+    before = _generate._cache_size()
+    for step, lengths in enumerate([(3, 7), (12, 1), (16, 16), (5, 9)]):
+        ids, mask = pad_prompts([list(rng.integers(3, 97, n)) for n in lengths], [16, 32], 0)
+        generate(model, ids, mask, jax.random.fold_in(jax.random.key(0), step), params, group_size=2)
+    assert _generate._cache_size() - before == 1
+    ids, mask = pad_prompts([list(range(3, 20)), [5]], [16, 32], 0)  # 17 tokens: the next bucket
+    generate(model, ids, mask, jax.random.key(1), params, group_size=2)
+    assert _generate._cache_size() - before == 2
+
+
+def test_bfloat16_sampling_runs():
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4}, param_dtype="bfloat16", compute_dtype="bfloat16")
+    model = init_decoder(config)
+    ids, mask = pad_prompts([[4, 5, 6]], [8], 0)
+    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=1.0), group_size=2)
+    assert out.response_ids.shape == (2, 6) and np.isfinite(np.asarray(out.logprobs)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be > 0"),
+        (dict(max_new_tokens=4, top_p=0.0), "top_p must be in"),
+        (dict(max_new_tokens=4, top_p=1.5), "top_p must be in"),
+        (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_group_size_and_overlong_prompt():
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
+    model = init_decoder(config)
+    ids, mask = pad_prompts([[4, 5]], [8], 0)
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        generate(model, ids, mask, jax.random.key(0), SamplingParams(2), group_size=0)
+    with pytest.raises(ValueError, match="longer than the largest bucket 8"):
+        pad_prompts([list(range(9))], [4, 8], 0)
