@@ -1,0 +1,210 @@
+# shellcheck shell=bash disable=SC2034
+# Helpers shared by the launch/ scripts (sourced, never run): flags common to every script,
+# dry-run printing, project / zone / gcloud checks, TPU facts and copying the code to workers.
+
+LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$LAUNCH_DIR/.." && pwd)"
+
+# Where things live on every TPU worker, under the worker's $HOME (written as \$HOME so that the
+# worker's shell expands it, not ours). The scripts that source this file use these.
+# shellcheck disable=SC2016
+REMOTE_CODE='$HOME/pacs_jax'        # the synced working tree
+# shellcheck disable=SC2016
+REMOTE_VENV='$HOME/pacs_venv'       # Python 3.11 venv (TPU images ship Python 3.10)
+REMOTE_WORKER="bash $REMOTE_CODE/launch/tpu_worker.sh"
+REMOTE_PYTHON_VERSION=3.11
+
+DRY_RUN=0
+PROJECT_FLAG=""
+ZONE_FLAG=""
+PROJECT_ID=""
+ZONE_ID=""
+GCLOUD_WHERE=()
+
+# Dry-run lines go to fd 3 (our stdout), so they show even from inside $(...).
+exec 3>&1
+
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+note() {
+  printf '%s\n' "$*" >&2
+}
+
+# `$1 VALUE` flag parsing: fail clearly when the value is missing.
+need_value() {
+  [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"
+}
+
+# One shell-quoted line for a command, copy-pasteable: plain words stay bare.
+quote_args() {
+  local out="" arg sq="'\\''"
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      out+=" $arg"
+    else
+      out+=" '${arg//\'/$sq}'"
+    fi
+  done
+  printf '%s\n' "${out# }"
+}
+
+# Run a command, or only print it ("+ cmd") under --dry-run (where it outputs nothing).
+run() {
+  if ((DRY_RUN)); then
+    printf '+ %s\n' "$(quote_args "$@")" >&3
+  else
+    "$@"
+  fi
+}
+
+have_gcloud() {
+  command -v gcloud >/dev/null 2>&1
+}
+
+require_gcloud() {
+  ((DRY_RUN)) || have_gcloud || die "gcloud is not installed (not found on PATH). Install the \
+Google Cloud CLI (https://cloud.google.com/sdk/docs/install) and run 'gcloud auth login', or \
+pass --dry-run to only print the commands."
+}
+
+# Project: --project, else $PROJECT, else $CLOUDSDK_CORE_PROJECT, else gcloud's default.
+resolve_project() {
+  PROJECT_ID="${PROJECT_FLAG:-${PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}}"
+  if [[ -z $PROJECT_ID ]] && have_gcloud; then
+    PROJECT_ID="$(gcloud config get-value project 2>/dev/null || true)"
+  fi
+  [[ -n $PROJECT_ID ]] || die "no GCP project given. Pass --project PROJECT_ID, or \
+'export PROJECT=PROJECT_ID', or run 'gcloud config set project PROJECT_ID'."
+}
+
+# Zone: --zone, else $ZONE, else $CLOUDSDK_COMPUTE_ZONE, else gcloud's default.
+resolve_zone() {
+  ZONE_ID="${ZONE_FLAG:-${ZONE:-${CLOUDSDK_COMPUTE_ZONE:-}}}"
+  if [[ -z $ZONE_ID ]] && have_gcloud; then
+    ZONE_ID="$(gcloud config get-value compute/zone 2>/dev/null || true)"
+  fi
+  [[ -n $ZONE_ID ]] || die "no zone given. Pass --zone ZONE (e.g. --zone us-west4-a), or \
+'export ZONE=ZONE', or run 'gcloud config set compute/zone ZONE'."
+}
+
+# Everything a gcloud call needs before it runs: the binary, the project and the zone.
+require_cloud() {
+  require_gcloud
+  resolve_project
+  resolve_zone
+  GCLOUD_WHERE=(--zone="$ZONE_ID" --project="$PROJECT_ID")
+}
+
+require_name() {
+  [[ -n ${1:-} ]] || die "--name is required (the TPU VM's name, e.g. --name pacs-v5e)"
+  [[ $1 =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+    die "--name '$1' is not a valid TPU name: lower-case letters, digits and '-', starting with a letter"
+}
+
+# Runtime image for an accelerator type (gcloud compute tpus tpu-vm versions list).
+default_runtime_version() {
+  case $1 in
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+    *) return 1 ;;
+  esac
+}
+
+# Hosts (workers) in a slice. v2-v4 and v5p count TensorCores (2 per chip, 4 chips per host;
+# v2/v3: 8 cores per host); v5e / v6e count chips (one host up to 8 chips, else 4 per host).
+tpu_hosts() {
+  local family=${1%-*} size=${1##*-}
+  case $family in
+    v2 | v3) echo $(((size + 7) / 8)) ;;
+    v4 | v5p) echo $(((size / 2 + 3) / 4)) ;;
+    v5litepod | v6e) if ((size <= 8)); then echo 1; else echo $((size / 4)); fi ;;
+    *) return 1 ;;
+  esac
+}
+
+# A training config must be a file inside the repository: the workers get a copy of the repository.
+require_config() {
+  [[ -n ${1:-} ]] || die "--config is required (e.g. --config configs/qwen2.5_7b_pacs.yaml)"
+  [[ $1 != /* ]] || die "--config must be a path relative to the repository root (the workers \
+get a copy of the repository, not of other folders), got '$1'"
+  if [[ ! -f $REPO_ROOT/$1 ]]; then
+    ((DRY_RUN)) || die "--config $1: no such file under $REPO_ROOT"
+    note "warning: --config $1 does not exist under $REPO_ROOT (dry run goes on)"
+  fi
+}
+
+require_type() {
+  [[ -n ${1:-} ]] || die "--type is required (e.g. --type v5litepod-8, v4-8 or v5p-64)"
+  [[ $1 =~ ^(v2|v3|v4|v5p|v5litepod|v6e)-[0-9]+$ ]] ||
+    die "--type '$1' is not a TPU accelerator type: use e.g. v5litepod-8, v4-8, v5p-64 or v6e-8"
+}
+
+# The TPU VM's state (READY, CREATING, PREEMPTED, TERMINATED, ...), NOT_FOUND, or "(dry run)".
+tpu_state() {
+  local state
+  if ((DRY_RUN)); then
+    run gcloud compute tpus tpu-vm describe "$1" "${GCLOUD_WHERE[@]}" --format='value(state)'
+    echo "(dry run)"
+    return
+  fi
+  state="$(gcloud compute tpus tpu-vm describe "$1" "${GCLOUD_WHERE[@]}" \
+    --format='value(state)' 2>/dev/null)" || state=""
+  echo "${state:-NOT_FOUND}"
+}
+
+# The queued resource's state (ACCEPTED, PROVISIONING, ACTIVE, SUSPENDED, FAILED, ...), NOT_FOUND,
+# or "(dry run)".
+queued_state() {
+  local state
+  if ((DRY_RUN)); then
+    run gcloud compute tpus queued-resources describe "$1" "${GCLOUD_WHERE[@]}" \
+      --format='value(state.state)'
+    echo "(dry run)"
+    return
+  fi
+  state="$(gcloud compute tpus queued-resources describe "$1" "${GCLOUD_WHERE[@]}" \
+    --format='value(state.state)' 2>/dev/null)" || state=""
+  echo "${state:-NOT_FOUND}"
+}
+
+# Files to ship: tracked and untracked-but-not-ignored ones (no .git, runs/, caches, weights).
+pack_repo() {
+  local out=$1
+  if ((DRY_RUN)); then
+    printf '+ %s\n' "git -C $REPO_ROOT ls-files -z --cached --others --exclude-standard \
+| tar -czf $out -C $REPO_ROOT --null -T -" >&3
+    return
+  fi
+  if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' path; do
+        # A tracked file deleted in the working tree is still listed; tar would fail on it.
+        [[ -e $REPO_ROOT/$path ]] && printf '%s\0' "$path"
+      done |
+      tar -czf "$out" -C "$REPO_ROOT" --null -T -
+  else
+    tar -czf "$out" -C "$REPO_ROOT" --exclude=.git --exclude=runs --exclude=__pycache__ \
+      --exclude='*.egg-info' .
+  fi
+}
+
+# Copy the working tree to $REMOTE_CODE on every worker (replacing the old copy, so files deleted
+# here disappear there too). Needs require_cloud first.
+sync_code() {
+  local name=$1 tarball
+  tarball="${TMPDIR:-/tmp}/pacs_jax_code.$$.tar.gz"
+  note "Copying the code to every worker of $name ..."
+  pack_repo "$tarball"
+  run gcloud compute tpus tpu-vm scp "$tarball" "$name:pacs_jax_code.tar.gz" \
+    --worker=all "${GCLOUD_WHERE[@]}"
+  run gcloud compute tpus tpu-vm ssh "$name" --worker=all "${GCLOUD_WHERE[@]}" \
+    --command="set -e; rm -rf $REMOTE_CODE.new; mkdir -p $REMOTE_CODE.new; \
+tar -xzf \$HOME/pacs_jax_code.tar.gz -C $REMOTE_CODE.new; rm -rf $REMOTE_CODE; \
+mv $REMOTE_CODE.new $REMOTE_CODE"
+  ((DRY_RUN)) || rm -f "$tarball"
+}
