@@ -1,0 +1,119 @@
+"""Binary maths reward: the last \\boxed{...} of a response checked against the ground truth.
+
+The comparison is math-verify's, set up as the PACS authors' verl reward does: the ground
+truth is wrapped in \\boxed{} and parsed as LaTeX; the prediction is parsed as LaTeX, then
+as a plain expression. Before that we cut the response down to its LAST \\boxed{...} (found
+with a brace matcher, so nested braces work) and tidy GSM8K-style numbers ("1,000", "$18",
+"18 dollars", "18."), which math-verify alone scores 0.
+
+math-verify's own timeouts use signal.alarm, which only works in a main thread and cannot
+stop long C-level work (big integer powers). They are switched off here; untrusted
+responses should be scored through `VerifierPool`, which enforces the time limit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+# Longer boxed contents are never a competition answer (MATH-500's longest is 53 chars);
+# refusing them early keeps degenerate rollouts from costing a full timeout each.
+MAX_ANSWER_CHARS = 1000
+
+_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_GROUPED_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# A number followed by optional unit words: "$18", "18 dollars", "1,000 \text{ m}".
+_NUMBER_WITH_UNITS = re.compile(
+    r"(?:\\\$|\$)?\s*(?P<number>-?\d[\d,]*(?:\.\d+)?)\s*"
+    r"(?:\\(?:text|mathrm|mbox|textrm)\s*\{[^{}]*\}|[A-Za-z]{2,}(?:\s+[A-Za-z]+)*)?"
+)
+_THIN_SPACE_THOUSANDS = re.compile(r"(?<=\d)\\[,!;: ](?=\d{3}(?!\d))")
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    # We disable math-verify's timeouts on purpose (see the module docstring); its
+    # one-time warning about that would only alarm readers of the training log.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
+
+
+def last_boxed(response: str) -> str | None:
+    """Content of the last \\boxed{...}, or None when there is none or it never closes."""
+    opening = None
+    for opening in _BOXED_OPEN.finditer(response):
+        pass
+    if opening is None:
+        return None
+    depth = 1
+    start = opening.end()
+    for position in range(start, len(response)):
+        char = response[position]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return response[start:position]
+    return None  # truncated mid-answer: no final answer
+
+
+def has_boxed(response: str) -> bool:
+    """Format metric: does the response end its reasoning with a complete \\boxed{...}?"""
+    return last_boxed(response) is not None
+
+
+def _normalize_ground_truth(ground_truth: str) -> str:
+    answer = ground_truth.strip()
+    if _GROUPED_NUMBER.fullmatch(answer):
+        answer = answer.replace(",", "")
+    return answer
+
+
+def _normalize_prediction(content: str, numeric_truth: bool) -> str:
+    content = content.strip()
+    if content.endswith("."):
+        content = content[:-1].rstrip()
+    if numeric_truth:
+        content = _THIN_SPACE_THOUSANDS.sub("", content)
+        match = _NUMBER_WITH_UNITS.fullmatch(content)
+        if match:
+            number = match.group("number")
+            content = number.replace(",", "") if _GROUPED_NUMBER.fullmatch(number) else number
+    return content
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ground_truth(answer: str) -> tuple:
+    # A group of G responses shares one ground truth: parse it once.
+    parsed = parse("\\boxed{" + answer + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+    return tuple(parsed)
+
+
+def score(response: str, ground_truth: str) -> float:
+    """1.0 when the response's last \\boxed{} answer equals `ground_truth` per math-verify, else 0.0."""
+    content = last_boxed(response)
+    if content is None or len(content) > MAX_ANSWER_CHARS:
+        return 0.0
+    answer = _normalize_ground_truth(ground_truth)
+    gold = list(_parse_ground_truth(answer))
+    if not gold:
+        return 0.0
+    content = _normalize_prediction(content, numeric_truth=_PLAIN_NUMBER.fullmatch(answer) is not None)
+    if not content:
+        return 0.0
+    prediction = parse(
+        "\\boxed{" + content + "}",
+        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+        parsing_timeout=None,
+    )
+    if not prediction:
+        return 0.0
+    return 1.0 if verify(gold, prediction, timeout_seconds=None) else 0.0
