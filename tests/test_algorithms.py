@@ -177,7 +177,13 @@ def np_pacs_grad(logprobs, old_logprobs, mask, rewards, group_size, beta, reward
 
 
 PACS_OPTIONS = list(
-    itertools.product(["1", "2"], ["rloo", "grpo", "naive"], [True, False], [None, "question", "only_positive", "only_negative"], [1.0, 2.0])
+    itertools.product(
+        ["1", "2"],  # reward_method
+        ["rloo", "grpo", "naive"],  # adv_estimator
+        [True, False],  # norm_adv_by_std
+        [None, "question", "only_positive", "only_negative"],  # weight_mode
+        [1.0, 2.0],  # beta
+    )
 )
 
 
@@ -448,3 +454,19 @@ def test_bad_options_raise_value_error_naming_the_argument():
         rloo_loss(lp, mask, rewards, group_size=1)
     with pytest.raises(ValueError, match="ref_logprobs"):
         grpo_loss(lp, old, mask, rewards, group_size=4, kl_coef=0.1)
+
+
+def test_on_policy_grpo_estimator_gradient_is_finite_centring_over_eps():
+    # All scores 0: std is 0 where sqrt's derivative is infinite; the true derivative of
+    # (s - mean) / (std + 1e-6) there is the centring divided by 1e-6, not NaN.
+    lp, _, mask, rewards = make_batch(seed=14)
+    grad = jax.grad(
+        lambda x: pacs_loss(x, jnp.asarray(lp), jnp.asarray(mask), jnp.asarray(rewards), group_size=4, adv_estimator="grpo")[0]
+    )(jnp.asarray(lp))
+    expected = np.zeros_like(lp)
+    n = len(rewards)
+    for start in range(0, n, 4):
+        for k in range(4):
+            dloss_ds = sum((0.5 - rewards[start + i]) * ((i == k) - 0.25) / 1e-6 for i in range(4)) / n
+            expected[start + k] = dloss_ds * mask[start + k]
+    np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-6)
