@@ -110,7 +110,7 @@ launch() {
 
 # Sleep until something changes; print what: "done", "vm STATE" or worker 0's status.
 wait_for_change() {
-  local state status
+  local state status unreachable=0
   while :; do
     sleep "$POLL"
     if run_finished; then echo "done"; return; fi
@@ -118,7 +118,10 @@ wait_for_change() {
     [[ $state == READY ]] || { echo "vm $state"; return; }
     status="$(worker_status)"
     case $status in
-      running*) ;;
+      running*) unreachable=0 ;;
+      # A READY VM that ssh cannot reach once is usually a passing hiccup: restarting would
+      # throw away the steps since the last checkpoint, so wait for three misses in a row.
+      unreachable) ((++unreachable < 3)) || { echo "$status"; return; } ;;
       *) echo "$status"; return ;;
     esac
   done
@@ -151,6 +154,7 @@ write DONE when it reaches trainer.total_steps"
 done
 
 ((DRY_RUN)) || note "Run finished: $RUN_DIR/DONE exists"
-if ((!KEEP)) && [[ "$(tpu_state "$NAME")" != NOT_FOUND ]]; then
+if ((QUEUED)); then left="$(queued_state "$NAME")"; else left="$(tpu_state "$NAME")"; fi
+if ((!KEEP)) && [[ $left != NOT_FOUND ]]; then
   bash "$LAUNCH_DIR/delete_tpu.sh" "${WHERE_ARGS[@]}" ${QUEUED_ARG[@]+"${QUEUED_ARG[@]}"}
 fi
