@@ -124,6 +124,8 @@ class Checkpointer:
         error surfaces here or in `wait`), if `step` already exists, or if `meta` is not JSON.
         """
         meta = jsonable(meta)
+        if not force and not self._manager.should_save(step):
+            return False  # without waiting, so the in-flight async write overlaps training
         self.wait()
         return self._manager.save(
             step,
