@@ -134,6 +134,17 @@ class SFTConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Sampling for evaluation and periodic validation (the authors: 0.6 / 0.95 / 4096).
+    n_samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 4096
+    prompts_per_batch: int = 64
+    max_problems: int = 0  # 0 = every problem of each set
+
+
+@dataclass
 class TrainerConfig:
     run_dir: str = "runs/default"
     total_steps: int = 300
@@ -147,8 +158,9 @@ class TrainerConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step's checkpoint (0 = off)
     resume: Literal["auto", "never"] = "auto"
-    eval_every: int = 0  # 0 = no periodic validation
-    eval_samples: int = 4
+    eval_every: int = 0  # 0 = no periodic validation (uses data.val and the eval section)
+    # Where checkpoints go: "" = run_dir/checkpoints. May be gs://bucket/... (Orbax writes there).
+    checkpoint_dir: str = ""
     export_hf: str = ""  # export the final policy to this HF folder
     tensorboard: bool = True
     wandb: bool = False
@@ -165,6 +177,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -347,6 +360,14 @@ def validate(config: Config) -> None:
         bool(config.model.path) or bool(config.model.arch),
         "model.path (an HF folder) or model.arch (a config.json-style dict for random init) is required",
     )
+    e = config.eval
+    _require(e.n_samples >= 1, f"eval.n_samples must be >= 1, got {e.n_samples}")
+    _require(e.max_new_tokens > 0, f"eval.max_new_tokens must be > 0, got {e.max_new_tokens}")
+    _require(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}")
+    _require(e.temperature >= 0, f"eval.temperature must be >= 0, got {e.temperature}")
+    _require(e.prompts_per_batch >= 1, f"eval.prompts_per_batch must be >= 1, got {e.prompts_per_batch}")
+    _require(t.eval_every == 0 or bool(config.data.val), "trainer.eval_every > 0 needs validation sets in data.val")
+    _require(config.sft.steps >= 0 and config.sft.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1")
     _require(config.data.max_prompt_tokens > 0, "data.max_prompt_tokens must be > 0")
     _require(
         max(r.prompt_buckets) >= config.data.max_prompt_tokens,

@@ -127,12 +127,12 @@ def test_unsupported_model_type(tmp_path):
 
 def test_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "llama"}))
-    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
         from_pretrained(tmp_path)
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         from_pretrained(tmp_path / "nope")
 
 

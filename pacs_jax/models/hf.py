@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from pacs_jax.models.llama import Decoder, DecoderConfig, layer_param_shapes, resolve_dtype
+from pacs_jax.models.llama import Decoder, DecoderConfig, ModelLoadError, layer_param_shapes, resolve_dtype
 
 # Our per-layer name -> HF name (without the "model.layers.{i}." prefix).
 _LAYER_NAMES = {
@@ -79,10 +79,10 @@ def _expected_hf_shape(name: str, config: DecoderConfig) -> tuple[int, ...]:
 def read_hf_config(path: str | Path) -> dict:
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist (model.path)")
+        raise ModelLoadError(f"model folder {folder} does not exist (model.path)")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+        raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder")
     return json.loads(config_file.read_text())
 
 
@@ -93,11 +93,11 @@ def _safetensor_files(folder: Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
-            raise FileNotFoundError(f"{index} names shard {missing[0]} which is not in {folder}")
+            raise ModelLoadError(f"{index} names shard {missing[0]} which is not in {folder}")
         return {name: folder / f for name, f in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(
+        raise ModelLoadError(
             f"{folder} has no *.safetensors weights (PyTorch .bin checkpoints are not read: "
             f"re-save the model with safe_serialization=True)"
         )
@@ -118,13 +118,13 @@ def load_hf_params(folder: str | Path, config: DecoderConfig) -> dict:
 
     def read(name: str, expected: tuple[int, ...]) -> np.ndarray:
         if name not in locations:
-            raise ValueError(f"{folder}: tensor {name!r} is missing from the safetensors files (config.json implies it)")
+            raise ModelLoadError(f"{folder}: tensor {name!r} is missing from the safetensors files (config.json implies it)")
         file = locations[name]
         if file not in handles:
             handles[file] = safe_open(file, framework="flax")
         tensor = handles[file].get_tensor(name)
         if tuple(tensor.shape) != tuple(expected):
-            raise ValueError(
+            raise ModelLoadError(
                 f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {tuple(expected)}"
             )
         return tensor
@@ -151,7 +151,7 @@ def load_hf_params(folder: str | Path, config: DecoderConfig) -> dict:
     params["layers"] = layers
     unexpected = sorted(n for n in set(locations) - used if not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
-        raise ValueError(
+        raise ModelLoadError(
             f"{folder}: tensor {unexpected[0]!r} (and {len(unexpected) - 1} more) is not used by a "
             f"{config.model_type} model with this config.json: the folder and its config disagree"
         )

@@ -23,9 +23,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
+class ModelLoadError(ValueError):
+    """A model folder or architecture that we cannot load as asked; the message names the file."""
+
+
 def resolve_dtype(name: str, what: str = "dtype"):
     if name not in DTYPES:
-        raise ValueError(f"unknown {what} {name!r}; use one of {sorted(DTYPES)}")
+        raise ModelLoadError(f"unknown {what} {name!r}; use one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -60,19 +64,19 @@ class DecoderConfig:
         """Build from a Hugging Face config.json dict; unsupported features raise, never fall back."""
         model_type = hf.get("model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{source}: model_type {model_type!r} is not supported; supported: "
                 f"{list(SUPPORTED_MODEL_TYPES)} (Llama, Qwen2/2.5, Qwen3 dense, SmolLM2)"
             )
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in hf:
-                raise ValueError(f"{source}: missing required key {key!r}")
+                raise ModelLoadError(f"{source}: missing required key {key!r}")
         if hf.get("mlp_bias"):
-            raise ValueError(f"{source}: mlp_bias=true is not supported")
+            raise ModelLoadError(f"{source}: mlp_bias=true is not supported")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
+            raise ModelLoadError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
         if hf.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+            raise ModelLoadError(f"{source}: use_sliding_window=true is not supported")
         rope = dict(hf.get("rope_parameters") or {})
         legacy_scaling = hf.get("rope_scaling")
         if legacy_scaling:
@@ -92,11 +96,11 @@ class DecoderConfig:
         elif rope_type == "linear":
             scaling = ("linear", float(rope["factor"]))
         else:
-            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3, linear)")
+            raise ModelLoadError(f"{source}: rope type {rope_type!r} is not supported (default, llama3, linear)")
         num_heads = hf["num_attention_heads"]
         num_kv_heads = hf.get("num_key_value_heads") or num_heads
         if num_heads % num_kv_heads:
-            raise ValueError(f"{source}: num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+            raise ModelLoadError(f"{source}: num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
