@@ -41,6 +41,8 @@ def test_shared_problem_answer_sets(shared_data, folder, count, has_solution):
         assert row["problem"] == original["problem"].replace("\x0c", "\\f")
         assert ("solution" in row) == has_solution
     assert not any("\x0c" in row["problem"] for row in rows)
+    named = {"aime24": "aime", "aime25": "aime", "amc23": "amc", "math500": "math500"}[folder]
+    assert load_rows(str(path), _config(format=named)) == rows
 
 
 def test_shared_gsm8k_test_set(shared_data):

@@ -119,6 +119,14 @@ def test_rewritings_follow_math_verify(prediction, gold):
     assert score(f"We get $\\boxed{{{prediction}}}$", gold) == float(expected)
 
 
+def test_score_works_outside_the_main_thread():
+    # math-verify's signal-based timeouts would raise here; ours are off (the pool limits time).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as threads:
+        assert list(threads.map(score, ["\\boxed{0.5}", "\\boxed{2}"], ["\\frac{1}{2}", "3"])) == [1.0, 0.0]
+
+
 @pytest.mark.parametrize(
     "boxed, gold, expected",
     [
@@ -215,10 +223,13 @@ def test_pool_batch_deadline_gives_up_on_the_rest():
         assert stats["reward/deadline_missed"] == 3 and stats["reward/worker_restarts"] == 1
 
 
-def test_pool_runs_the_countdown_verifier():
+def test_pool_from_config_runs_the_countdown_verifier():
+    from pacs_jax.config import RewardConfig
+
     rows = countdown(20, difficulty=2, seed=3)
     responses = [r["solution"] for r in rows[:10]] + ["\\boxed{1+1}"] * 10
-    with VerifierPool("pacs_jax.rewards.synthetic:countdown_score", workers=1, timeout_s=2.0) as pool:
+    config = RewardConfig(verifier="pacs_jax.rewards.synthetic:countdown_score", workers=1, timeout_s=2.0)
+    with VerifierPool.from_config(config) as pool:
         scores, _ = pool.score_batch(responses, [r["answer"] for r in rows])
     assert scores == [1.0] * 10 + [countdown_score("\\boxed{1+1}", r["answer"]) for r in rows[10:]]
 

@@ -77,16 +77,18 @@ def _on_alarm(signum, frame):
         raise _SoftTimeout()
 
 
-def _check_one(verifier: Verifier, response: str, ground_truth: str, timeout_s: float) -> tuple[str, float, str]:
+def _check_one(verifier: Verifier, response: str, ground_truth: str, timeout_s: float | None) -> tuple[str, float, str]:
     global _armed
     try:
         try:
-            _armed = True
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            if timeout_s is not None:
+                _armed = True
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
             value = verifier(response, ground_truth)
         finally:
-            _armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            if timeout_s is not None:
+                _armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
         value = float(value)
         if not math.isfinite(value):
             return "error", 0.0, f"verifier returned {value}"
@@ -100,7 +102,9 @@ def _check_one(verifier: Verifier, response: str, ground_truth: str, timeout_s: 
 def _worker_main(conn, verifier_spec: str, timeout_s: float, memory_limit_mb: int) -> None:
     # Ctrl-C goes to the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGALRM, _on_alarm)
+    soft_limit = hasattr(signal, "setitimer")  # not on Windows: the parent's kill is the only limit
+    if soft_limit:
+        signal.signal(signal.SIGALRM, _on_alarm)
     if memory_limit_mb > 0:
         try:
             import resource
@@ -120,14 +124,14 @@ def _worker_main(conn, verifier_spec: str, timeout_s: float, memory_limit_mb: in
         if message is None:
             return
         batch_id, index, response, ground_truth = message
-        status, value, detail = _check_one(verifier, response, ground_truth, timeout_s)
+        status, value, detail = _check_one(verifier, response, ground_truth, timeout_s if soft_limit else None)
         conn.send(("result", batch_id, index, status, value, detail))
 
 
 # ---------------------------------------------------------------------------- parent side
 
 
-@dataclass
+@dataclass(eq=False)  # workers are compared by identity
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
