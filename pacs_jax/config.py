@@ -80,6 +80,7 @@ class RewardConfig:
     workers: int = 2
     timeout_s: float = 5.0
     batch_deadline_s: float = 300.0
+    memory_limit_mb: int = 4096  # per verifier worker (address space); 0 = no limit
 
 
 @dataclass

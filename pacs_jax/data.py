@@ -35,10 +35,23 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------- loading rows
 
 
+def parse_synthetic(source: str, data_config) -> tuple[str, dict]:
+    """"synthetic:TASK[?size=N&difficulty=D&seed=S]" -> (TASK, options); the options default to
+    data.synthetic_size / synthetic_difficulty / synthetic_seed (a validation set sets its own seed)."""
+    task, _, query = source.split(":", 1)[1].partition("?")
+    options = {"size": data_config.synthetic_size, "difficulty": data_config.synthetic_difficulty, "seed": data_config.synthetic_seed}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in options or not value.lstrip("-").isdigit():
+            raise DataError(f"{source}: option {item!r} must be one of size=N, difficulty=N, seed=N")
+        options[key] = int(value)
+    return task, options
+
+
 def source_name(source: str) -> str:
     """A short name for per-source metrics: "math500" for .../math500/test.jsonl."""
     if source.startswith("synthetic:"):
-        return source.split(":", 1)[1]
+        return source.split(":", 1)[1].partition("?")[0]
     path = Path(source)
     if path.suffix in FILE_SUFFIXES:
         return path.parent.name if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
@@ -56,10 +69,8 @@ def load_rows(source: str, data_config, name: Optional[str] = None) -> list[dict
         raise DataError(f"data.format={data_config.format!r} is not one of {list(FORMATS)}")
     name = name or source_name(source)
     if source.startswith("synthetic:"):
-        task = source.split(":", 1)[1]
-        rows = synthetic.generate(
-            task, data_config.synthetic_size, data_config.synthetic_difficulty, data_config.synthetic_seed
-        )
+        task, options = parse_synthetic(source, data_config)
+        rows = synthetic.generate(task, options["size"], options["difficulty"], options["seed"])
         return [{**row, "source": name} for row in rows]
     path = Path(source).expanduser()
     if path.suffix in FILE_SUFFIXES or path.exists():

@@ -1,0 +1,138 @@
+"""Command line: python -m pacs_jax {train, eval, generate, convert, sweep, plot} ..."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(args) -> int:
+    from pacs_jax import train
+    from pacs_jax.config import load_config
+
+    train.main(load_config(args.config, args.overrides))
+    return 0
+
+
+def _eval(args) -> int:
+    from pacs_jax import evaluate_cli
+
+    return evaluate_cli.run(args)
+
+
+def _generate(args) -> int:
+    import jax
+
+    from pacs_jax.models import from_pretrained
+    from pacs_jax.models.tokenizer import load_tokenizer
+    from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model, args.chat_template or "")
+    model = from_pretrained(args.model, dtype=args.dtype)
+    if args.chat:
+        ids = tokenizer.encode(tokenizer.chat_prompt(args.prompt))
+    else:
+        ids = tokenizer.encode(args.prompt, add_bos=tokenizer.bos_id is not None)
+    bucket = 1 << max(4, (len(ids) - 1).bit_length())  # next power of two: few distinct programs
+    prompt_ids, prompt_mask = pad_prompts([ids], [bucket], tokenizer.pad_id)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop_ids=tuple(tokenizer.eos_ids),
+        pad_id=tokenizer.pad_id,
+    )
+    out = generate(model, prompt_ids, prompt_mask, jax.random.key(args.seed), params)
+    response = jax.device_get(out.response_ids)[0][: int(out.lengths[0])].tolist()
+    print(tokenizer.decode(response, skip_special_tokens=True))
+    return 0
+
+
+def _convert(args) -> int:
+    from pacs_jax import convert
+
+    return convert.run(args)
+
+
+def _sweep(args) -> int:
+    from pacs_jax import sweep
+
+    return sweep.main(args.sweep_args)
+
+
+def _plot(args) -> int:
+    from pacs_jax import plot
+
+    return plot.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pacs_jax", description="PACS post-training for LLMs in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="run (or resume) RL training from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.total_steps=10")
+    p.set_defaults(func=_train)
+
+    p = commands.add_parser("eval", help="pass@k evaluation of a checkpoint or an HF model")
+    from pacs_jax import evaluate_cli
+
+    evaluate_cli.add_arguments(p)
+    p.set_defaults(func=_eval)
+
+    p = commands.add_parser("generate", help="print a completion of one prompt")
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (else sampling)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tokenizer", default="", help="tokenizer folder or .model file (default: the model folder)")
+    p.add_argument("--chat-template", default="", help="Jinja chat template for tokenizers without one")
+    p.set_defaults(func=_generate)
+
+    p = commands.add_parser("convert", help="HF folder <-> Orbax checkpoint")
+    from pacs_jax import convert
+
+    convert.add_arguments(p)
+    p.set_defaults(func=_convert)
+
+    p = commands.add_parser("sweep", help="expand a grid of overrides into runs (see configs/sweeps/)", add_help=False)
+    p.add_argument("sweep_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_sweep)
+
+    p = commands.add_parser("plot", help="PNG curves from one or more run directories")
+    from pacs_jax import plot
+
+    plot.add_arguments(p)
+    p.set_defaults(func=_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pacs_jax.config import ConfigError
+    from pacs_jax.data import DataError
+    from pacs_jax.models import ModelLoadError
+    from pacs_jax.models.tokenizer import TokenizerError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelLoadError, TokenizerError, FileNotFoundError) as error:
+        # Bad input: one line saying what and where, not a traceback.
+        logging.getLogger("pacs_jax").debug("bad input", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

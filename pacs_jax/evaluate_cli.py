@@ -1,0 +1,61 @@
+"""`python -m pacs_jax eval`: pass@k of a training checkpoint, an HF model, or the config's model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config: model, data.val sets, eval sampling, reward")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a run's checkpoint directory (RUN_DIR/checkpoints); latest step unless --step")
+    source.add_argument("--model", help="a Hugging Face model folder (instead of the config's model.path)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=SOURCE",
+                        help="evaluation set (repeatable); default: the config's data.val")
+    parser.add_argument("--out", default="", help="where eval_metrics.json / eval_rollouts.jsonl go (default: RUN_DIR/eval)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, e.g. eval.n_samples=16")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pacs_jax.config import ConfigError, load_config
+    from pacs_jax.evaluate import evaluate
+    from pacs_jax.models.tokenizer import load_tokenizer
+    from pacs_jax.rewards.pool import VerifierPool
+    from pacs_jax.train import load_examples, load_policy, make_sample_fn, restore_policy
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    config = load_config(args.config, overrides)
+    sets = dict(config.data.val)
+    for item in args.data:
+        if "=" not in item:
+            raise ConfigError(f"--data {item!r} must look like NAME=SOURCE (a file, a dataset name or synthetic:TASK)")
+        name, source = item.split("=", 1)
+        sets[name] = source
+    if not sets:
+        raise ConfigError("nothing to evaluate: set data.val in the config or pass --data NAME=SOURCE")
+
+    if args.checkpoint:
+        policy, tokenizer = restore_policy(config, args.checkpoint, args.step)
+    else:
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.path or "", config.model.chat_template)
+        policy = load_policy(config, tokenizer)
+    examples = []
+    for name, source in sets.items():
+        per_set = load_examples(source, config, tokenizer, name)
+        examples += per_set[: config.eval.max_problems or None]
+    out_dir = Path(args.out or Path(config.trainer.run_dir) / "eval")
+    sample_fn = make_sample_fn(config, tokenizer, nnx.split(policy), jax.random.key(config.trainer.seed))
+    with VerifierPool.from_config(config.reward) as pool:
+        result = evaluate(examples, sample_fn, pool, config.eval.n_samples, out_dir=out_dir)
+    for source, metrics in result["sources"].items():
+        passes = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("pass@"))
+        print(f"{source:>16}: {passes}  accuracy {metrics['accuracy']:.3f}  length {metrics['response_length/mean']:.1f}")
+    print(f"wrote {out_dir / 'eval_metrics.json'} and {out_dir / 'eval_rollouts.jsonl'}")
+    return 0

@@ -1,0 +1,362 @@
+"""The RL loop. Glue only: every piece of maths lives in the module that owns it.
+
+    build (config -> tokenizer, data, policy, optimizer, mesh; all checked before compiling)
+    restore or warm up (SFT)
+    loop: prompts -> rollout [device] -> old log-probs [device, async] || rewards [host pool]
+          -> update [device] -> metrics -> checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pacs_jax import sharding
+from pacs_jax.checkpoint import Checkpointer
+from pacs_jax.config import Config, ConfigError, save_config, to_dict
+from pacs_jax.data import Example, PromptStream, build_examples, load_rows
+from pacs_jax.metrics_log import MetricsLogger
+from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder, read_hf_config
+from pacs_jax.models.tokenizer import Tokenizer, load_tokenizer
+from pacs_jax.rewards.pool import VerifierPool
+from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.update import (
+    ROLLOUT_KEYS,
+    TrainState,
+    init_train_state,
+    make_optimizer,
+    make_prepare_fn,
+    make_sft_step,
+    make_train_optimizer,
+    make_update_fn,
+)
+
+log = logging.getLogger("pacs_jax")
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def load_policy(config: Config, tokenizer: Tokenizer):
+    """The policy from model.path (HF folder) or a random init from model.arch."""
+    m = config.model
+    if m.path:
+        read_hf_config(m.path)  # a missing folder or config.json fails here with the path
+        return from_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+    arch = {"model_type": "llama", "vocab_size": tokenizer.vocab_size, **m.arch}
+    if arch["vocab_size"] < tokenizer.vocab_size:
+        raise ConfigError(f"model.arch.vocab_size={arch['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    decoder_config = DecoderConfig.from_hf(
+        arch, source="model.arch", param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat
+    )
+    return init_decoder(decoder_config, seed=config.trainer.seed)
+
+
+def load_examples(source: str, config: Config, tokenizer: Tokenizer, name: str) -> list[Example]:
+    rows = load_rows(source, config.data, name=name)
+    examples, _ = build_examples(rows, tokenizer, config.data)
+    return examples
+
+
+def decode_responses(tokenizer: Tokenizer, response_ids: np.ndarray, response_mask: np.ndarray) -> list[str]:
+    return [tokenizer.decode(ids[mask == 1].tolist()) for ids, mask in zip(response_ids, response_mask)]
+
+
+def sft_batch(examples: list[Example], tokenizer: Tokenizer, config: Config) -> dict:
+    """Prompts + reference solutions (ending in a stop token) as a rollout-shaped batch."""
+    prompt_ids, prompt_mask = pad_prompts([e.prompt_ids for e in examples], config.rollout.prompt_buckets, tokenizer.pad_id)
+    width = config.rollout.max_new_tokens
+    response = np.full((len(examples), width), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(examples), width), np.int32)
+    for row, example in enumerate(examples):
+        ids = tokenizer.encode(example.solution)[: width - 1] + [tokenizer.eos_ids[0]]
+        response[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response, "response_mask": mask}
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (a spot VM being preempted, Ctrl-C) ask the loop to save and leave."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, saving, then exiting", self.signal_name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------- loop
+
+
+def train(config: Config) -> dict:
+    """Run (or resume) training; returns paths of what it wrote."""
+    t, r = config.trainer, config.rollout
+    run_dir = Path(t.run_dir)
+    main = sharding.is_main_process()
+
+    # Everything that can be wrong with the inputs is checked here, before anything compiles.
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.path or "", config.model.chat_template)
+    train_examples = load_examples(config.data.train, config, tokenizer, "train")
+    val_sets = {name: load_examples(src, config, tokenizer, name) for name, src in config.data.val.items()}
+    if config.sft.steps and any(not e.solution for e in train_examples):
+        raise ConfigError(f"sft.steps={config.sft.steps} needs reference solutions, which {config.data.train} does not provide")
+    policy = load_policy(config, tokenizer)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.validate_mesh_for_model(mesh, policy.config, t.prompts_per_step, r.group_size)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    algorithm = config.algorithm
+    total_updates = t.total_steps * t.mini_batches
+    optimizer = make_train_optimizer(algorithm, config.optimizer, total_updates)
+    graphdefs, state = init_train_state(policy, optimizer, with_critic=algorithm.name == "ppo")
+    state_sharding = sharding.train_state_shardings(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    needs_reference = algorithm.name == "grpo" and algorithm.kl_coef > 0
+
+    checkpoint_dir = t.checkpoint_dir or str(run_dir / "checkpoints")
+    checkpointer = Checkpointer(checkpoint_dir, keep_last=t.keep_last, keep_every=t.keep_every, save_every=max(t.save_every, 1))
+    logger = MetricsLogger(run_dir, t.total_steps, tensorboard=t.tensorboard, wandb=t.wandb,
+                           wandb_project=t.wandb_project, config=to_dict(config), is_main_process=main)
+    stream = PromptStream(train_examples, seed=t.seed, shuffle=config.data.shuffle)
+    base_key = jax.random.key(t.seed)
+
+    start_step, reference = 0, None
+    saved = _checkpoint_tree(state, reference)
+    restored = checkpointer.restore_latest_good(saved) if t.resume == "auto" else None
+    if restored is not None:
+        state, reference = restored.train_state["train"], restored.train_state.get("reference")
+        stream.restore(restored.meta["data"])
+        start_step = restored.step
+        logger.truncate_after(start_step)
+        log.info("resumed from %s step %d", checkpoint_dir, start_step)
+    else:
+        if config.sft.steps:
+            state = _warm_up(config, graphdefs, state, train_examples, tokenizer, logger, state_sharding)
+        if needs_reference:
+            reference = jax.tree.map(jnp.copy, state.params["policy"])
+        checkpointer.save(0, _checkpoint_tree(state, reference), _meta(0, stream, config), force=True)
+
+    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id)
+    prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature)
+    update = make_update_fn(
+        graphdefs, optimizer, algorithm, group_size=r.group_size, mini_batches=t.mini_batches,
+        micro_batches=t.micro_batches, temperature=r.temperature, state_sharding=state_sharding,
+    )
+    pool = VerifierPool.from_config(config.reward)
+    step, state_valid = start_step, True
+    try:
+        with StopRequest() as stop, jax.set_mesh(mesh):
+            while step < t.total_steps and stop.signal_name is None:
+                step += 1
+                timer = time.perf_counter()
+                examples = stream.next_batch(t.prompts_per_step)
+                prompt_ids, prompt_mask = pad_prompts([e.prompt_ids for e in examples], r.prompt_buckets, tokenizer.pad_id)
+                # Every process builds the same global batch and feeds the rows its devices hold.
+                first, last = sharding.process_slice(len(examples), mesh)
+                prompts = sharding.shard_batch({"ids": prompt_ids[first:last], "mask": prompt_mask[first:last]}, mesh)
+                rollout = generate((graphdefs["policy"], state.params["policy"]), prompts["ids"], prompts["mask"],
+                                   jax.random.fold_in(base_key, step), sampling, r.group_size)
+                response_ids, response_mask = _to_host((rollout.response_ids, rollout.response_mask))
+                rollout_s = time.perf_counter() - timer
+
+                # Dispatch the old log-probs, then check answers on the host while the device works.
+                rollout_arrays = {k: getattr(rollout, k) for k in ROLLOUT_KEYS}
+                extras = prepare(state.params, reference, rollout_arrays)
+                first, last = sharding.process_slice(len(response_ids), mesh)
+                texts = decode_responses(tokenizer, response_ids[first:last], response_mask[first:last])
+                answers = [e.answer for e in examples for _ in range(r.group_size)][first:last]
+                local_scores, reward_stats = pool.submit(texts, answers).result()
+                rewards = sharding.shard_batch({"rewards": np.asarray(local_scores, np.float32)}, mesh)["rewards"]
+                scores = _to_host(rewards)
+                reward_s = time.perf_counter() - timer - rollout_s
+
+                state_valid = False  # the update donates the state
+                state, update_metrics = update(state, {**rollout_arrays, **extras, "rewards": rewards})
+                update_metrics = jax.device_get(update_metrics)
+                state_valid = True
+                step_s = time.perf_counter() - timer
+
+                lengths = response_mask.sum(axis=1)
+                metrics = {
+                    "reward/mean": float(np.mean(scores)),
+                    **reward_stats,
+                    "response_length/mean": float(lengths.mean()),
+                    "response_length/max": float(lengths.max()),
+                    "response_length/clip_fraction": float(np.mean(lengths == r.max_new_tokens)),
+                    **{k: float(v) for k, v in update_metrics.items()},
+                    "time/step_s": step_s,
+                    "time/rollout_s": rollout_s,
+                    "time/reward_s": reward_s,
+                    "time/update_s": step_s - rollout_s - reward_s,
+                    "tokens_per_s": float(lengths.sum()) / rollout_s,
+                    "data/epoch": stream.epoch,
+                }
+                if t.eval_every and step % t.eval_every == 0:
+                    metrics.update(_validate(config, graphdefs, state, val_sets, tokenizer, pool, step, mesh))
+                logger.log(step, metrics)
+                if t.save_every and step % t.save_every == 0 or step == t.total_steps or stop.signal_name:
+                    checkpointer.save(step, _checkpoint_tree(state, reference), _meta(step, stream, config, metrics), force=True)
+            if stop.signal_name:
+                checkpointer.wait()
+                _say(main, f"stopped by {stop.signal_name} after step {step}; checkpoint saved in {checkpoint_dir}. "
+                     f"Run the same command again (trainer.resume=auto) to continue.")
+    except BaseException:
+        # Nothing already trained is lost: save the last complete step if the state still exists.
+        if state_valid and step > start_step and step not in checkpointer.all_steps():
+            try:
+                checkpointer.wait()
+                checkpointer.save(step, _checkpoint_tree(state, reference), _meta(step, stream, config), force=True)
+                checkpointer.wait()
+                log.error("training failed after step %d; saved that step to %s before exiting", step, checkpoint_dir)
+            except Exception as save_error:  # noqa: BLE001 -- report the original error, not this one
+                log.error("could not save after the failure: %s", save_error)
+        raise
+    finally:
+        pool.close()
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+
+    outputs = {"run_dir": run_dir, "metrics": run_dir / "metrics.jsonl", "checkpoints": checkpoint_dir, "step": step}
+    if t.export_hf and step == t.total_steps:
+        from pacs_jax.models import save_pretrained
+
+        policy = nnx.merge(graphdefs["policy"], state.params["policy"])
+        if main:
+            tokenizer_dir = config.model.tokenizer or config.model.path
+            save_pretrained(policy, t.export_hf, tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None)
+        outputs["export_hf"] = Path(t.export_hf)
+    if main and step == t.total_steps:
+        from pacs_jax.plot import plot_runs
+
+        outputs["plots"] = plot_runs([run_dir], run_dir / "plots")
+    return outputs
+
+
+def _to_host(tree):
+    """Global arrays as NumPy on every process (multi-host: gathered from all of them)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _checkpoint_tree(state: TrainState, reference) -> dict:
+    tree: dict[str, Any] = {"train": state}
+    if reference is not None:
+        tree["reference"] = reference
+    return tree
+
+
+def _meta(step: int, stream: PromptStream, config: Config, metrics: Optional[dict] = None) -> dict:
+    meta = {"step": step, "data": stream.state(), "seed": config.trainer.seed, "config": to_dict(config)}
+    if metrics:
+        meta["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+    return meta
+
+
+def _say(main: bool, message: str) -> None:
+    if main:
+        print(message, flush=True)
+
+
+def _warm_up(config: Config, graphdefs, state: TrainState, examples, tokenizer, logger, state_sharding) -> TrainState:
+    """Supervised warm-up on the task's reference solutions, so RL starts from partial success."""
+    s = config.sft
+    optimizer = make_optimizer(dataclasses.replace(config.optimizer, lr=s.lr, warmup_steps=0, schedule="constant"), s.steps)
+    params = state.params["policy"]
+    opt_state = optimizer.init(params)
+    step_fn = make_sft_step(graphdefs["policy"], optimizer)
+    stream = PromptStream(examples, seed=config.trainer.seed + 1)
+    timer = time.perf_counter()
+    for i in range(1, s.steps + 1):
+        batch = sft_batch(stream.next_batch(s.batch_size), tokenizer, config)
+        params, opt_state, metrics = step_fn(params, opt_state, batch)
+        if i % max(1, s.steps // 10) == 0 or i == s.steps:
+            log.info("sft step %d/%d  loss %.4f  (%.1f s)", i, s.steps, float(metrics["sft/loss"]), time.perf_counter() - timer)
+    params = jax.device_put(params, state_sharding.params["policy"])
+    return TrainState(params={**state.params, "policy": params}, opt_state=state.opt_state)
+
+
+def _validate(config: Config, graphdefs, state: TrainState, val_sets, tokenizer, pool, step: int, mesh) -> dict:
+    from pacs_jax.evaluate import evaluate, flatten_metrics
+
+    policy_split = (graphdefs["policy"], state.params["policy"])
+    sample_fn = make_sample_fn(config, tokenizer, policy_split, jax.random.key(config.trainer.seed + 10**6 + step))
+    limit = config.eval.max_problems or None
+    examples = [e for examples in val_sets.values() for e in examples[:limit]]
+    return flatten_metrics(evaluate(examples, sample_fn, pool, config.eval.n_samples), prefix="val/")
+
+
+def restore_policy(config: Config, checkpoint_dir: str, step: Optional[int] = None):
+    """The policy of a training checkpoint (latest step by default), as an NNX Decoder."""
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.path or "", config.model.chat_template)
+    policy = load_policy(config, tokenizer)
+    optimizer = make_train_optimizer(config.algorithm, config.optimizer, config.trainer.total_steps * config.trainer.mini_batches)
+    graphdefs, state = init_train_state(policy, optimizer, with_critic=config.algorithm.name == "ppo")
+    reference = state.params["policy"] if config.algorithm.name == "grpo" and config.algorithm.kl_coef > 0 else None
+    with Checkpointer(checkpoint_dir, async_save=False) as checkpointer:
+        tree, _ = checkpointer.restore(_checkpoint_tree(state, reference), step)
+    return nnx.merge(graphdefs["policy"], tree["train"].params["policy"]), tokenizer
+
+
+def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key):
+    """sample_fn(examples, n) -> per example n (text, length) pairs, with the eval sampling settings,
+    in fixed-size batches (the last one padded with repeats) so every batch reuses one program."""
+    e = config.eval
+    sampling = SamplingParams(e.max_new_tokens, e.temperature, e.top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id)
+
+    def sample_fn(examples: list[Example], n_samples: int):
+        results = []
+        for start in range(0, len(examples), e.prompts_per_batch):
+            chunk = examples[start : start + e.prompts_per_batch]
+            padded = chunk + [chunk[-1]] * (e.prompts_per_batch - len(chunk))
+            ids, mask = pad_prompts([x.prompt_ids for x in padded], config.rollout.prompt_buckets, tokenizer.pad_id)
+            out = generate(policy_split, ids, mask, jax.random.fold_in(key, start), sampling, n_samples)
+            response_ids, response_mask = jax.device_get((out.response_ids, out.response_mask))
+            texts = decode_responses(tokenizer, response_ids, response_mask)
+            lengths = response_mask.sum(axis=1)
+            for i in range(len(chunk)):
+                rows = range(i * n_samples, (i + 1) * n_samples)
+                results.append([(texts[j], int(lengths[j])) for j in rows])
+        return results
+
+    return sample_fn
+
+
+def main(config: Config) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    outputs = train(config)
+    if sharding.is_main_process() and outputs["step"] == config.trainer.total_steps:
+        print(f"\ndone: {outputs['step']} steps")
+        print(f"  metrics:     {outputs['metrics']}")
+        print(f"  plots:       {', '.join(str(p) for p in outputs.get('plots', []))}")
+        print(f"  checkpoints: {outputs['checkpoints']}")
+        if "export_hf" in outputs:
+            print(f"  HF export:   {outputs['export_hf']}")
