@@ -21,6 +21,7 @@ from pacs_jax.algorithms import gae, grpo_loss, outcome_token_rewards, pacs_loss
 from pacs_jax.algorithms.common import masked_mean
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models.llama import Decoder
+from pacs_jax.sharding import constrain
 
 ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 
@@ -206,7 +207,9 @@ def make_update_fn(
             batch["advantages"], batch["returns"] = gae(
                 token_rewards, batch["old_values"], batch["response_mask"], algorithm.gamma, algorithm.lam
             )
-        batches = jax.tree.map(lambda x: split(x, prompts), batch)
+        # Keep each micro-batch's rows spread over the data axes (not the mini-batch axis, which
+        # the scan walks): without this the partitioner may split the scanned axis instead.
+        batches = jax.tree.map(lambda x: constrain(split(x, prompts), (None, None, "batch")), batch)
         grad_fn = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
 
         def optimizer_step(state: TrainState, mini_batch):
@@ -261,7 +264,7 @@ def make_prepare_fn(graphdefs, algorithm: AlgorithmConfig, *, temperature: float
             return out
 
         rows = rollout["response_ids"].shape[0]
-        chunked = {k: rollout[k].reshape(chunks, rows // chunks, *rollout[k].shape[1:]) for k in ROLLOUT_KEYS}
+        chunked = {k: constrain(rollout[k].reshape(chunks, rows // chunks, *rollout[k].shape[1:]), (None, "batch")) for k in ROLLOUT_KEYS}
         out = jax.lax.map(one_chunk, chunked)
         return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
 
