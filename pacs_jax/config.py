@@ -219,6 +219,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "5e-4" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
@@ -268,7 +273,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists() or path.is_dir():
             raise ConfigError(f"config file {path} does not exist")
         tree = yaml.safe_load(path.read_text()) or {}
     for item in overrides:

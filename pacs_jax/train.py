@@ -19,6 +19,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from pacs_jax import sharding
@@ -161,6 +162,9 @@ def train(config: Config) -> dict:
             reference = jax.tree.map(jnp.copy, state.params["policy"])
         checkpointer.save(0, _checkpoint_tree(state, reference), _meta(0, stream, config), force=True)
 
+    if main and start_step < t.total_steps:
+        for folder in {str(run_dir), checkpoint_dir}:  # a DONE from a shorter earlier run is stale
+            (epath.Path(folder) / "DONE").unlink(missing_ok=True)
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id)
     prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature)
     update = make_update_fn(
@@ -243,6 +247,10 @@ def train(config: Config) -> dict:
         logger.close()
 
     outputs = {"run_dir": run_dir, "metrics": run_dir / "metrics.jsonl", "checkpoints": checkpoint_dir, "step": step}
+    if step == t.total_steps and main:
+        # The spot-VM loop and sweeps read this marker: the run needs no further restarts.
+        for folder in {str(run_dir), checkpoint_dir}:
+            (epath.Path(folder) / "DONE").write_text(f"{step}\n")
     if t.export_hf and step == t.total_steps:
         from pacs_jax.models import save_pretrained
 
@@ -299,7 +307,8 @@ def _warm_up(config: Config, graphdefs, state: TrainState, examples, tokenizer, 
         batch = sft_batch(stream.next_batch(s.batch_size), tokenizer, config)
         params, opt_state, metrics = step_fn(params, opt_state, batch)
         if i % max(1, s.steps // 10) == 0 or i == s.steps:
-            log.info("sft step %d/%d  loss %.4f  (%.1f s)", i, s.steps, float(metrics["sft/loss"]), time.perf_counter() - timer)
+            loss = float(metrics["sft/loss"])
+            _say(sharding.is_main_process(), f"sft step {i}/{s.steps} | loss {loss:.4f} | {time.perf_counter() - timer:.1f} s")
     params = jax.device_put(params, state_sharding.params["policy"])
     return TrainState(params={**state.params, "policy": params}, opt_state=state.opt_state)
 
