@@ -1,0 +1,209 @@
+"""Rollout throughput: our sampler (pacs_jax.rollout.generate) against transformers' `generate`
+on the same model, weights, prompts and settings, measured in the same run.
+
+    python -m bench.rollout --quick                     # SmolLM2 b32 x 128 tokens + tiny b32/b64
+    python -m bench.rollout                             # the full grid (slow on 2 cores)
+    python -m bench.rollout --models tiny --batch 64 --new-tokens 512
+
+Both sides sample at temperature 1 from the full distribution (no top-k / top-p) and generate
+exactly `new_tokens` per row: ours with no stop tokens, transformers with min_new_tokens. Our
+compile time is reported apart from the steady-state tokens/s (the best of `--repeats` runs
+after the compiling one). Writes JSON (default bench/out/rollout.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bench.common import (
+    OUT_DIR, RssSampler, attention_flops_per_token, count_params, machine_info, make_tiny_hf_folder,
+    matmul_params, matmul_peak_flops, peak_rss_bytes, timed, write_json,
+)
+from pacs_jax.models import from_pretrained
+from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+
+GSM8K = Path(__file__).resolve().parents[1] / "tests" / "data" / "gsm8k_test_50.jsonl"
+INSTRUCTION = " Please reason step by step, and put your final answer within \\boxed{}."
+PROMPT_BUCKETS = (64, 128, 256)
+
+
+def smollm2_prompts(folder: Path, count: int) -> tuple[list[list[int]], int]:
+    """GSM8K questions as chat prompts (cycled when `count` exceeds the 50 we ship); pad id."""
+    from pacs_jax.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    questions = [json.loads(line)["question"] for line in GSM8K.read_text().splitlines() if line.strip()]
+    prompts = [tokenizer.encode(tokenizer.chat_prompt(questions[i % len(questions)] + INSTRUCTION)) for i in range(count)]
+    return prompts, tokenizer.pad_id
+
+
+def tiny_prompts(vocab_size: int, count: int) -> tuple[list[list[int]], int]:
+    """Random ids, 20-100 tokens long, so the tiny model's prompts pad like real ones."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab_size, int(rng.integers(20, 101))).tolist() for _ in range(count)], 0
+
+
+def kv_cache_bytes(config, rows: int, length: int) -> int:
+    itemsize = np.dtype(config.compute_dtype).itemsize
+    return 2 * config.num_layers * rows * config.num_kv_heads * length * config.head_dim * itemsize
+
+
+def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int) -> dict:
+    params = SamplingParams(new_tokens, temperature=1.0, stop_ids=(), pad_id=pad_id)
+    with RssSampler() as rss:
+        out, first_s = timed(lambda: generate(split, ids, mask, jax.random.key(0), params))
+        steady = [timed(lambda: generate(split, ids, mask, jax.random.key(1 + r), params))[1] for r in range(repeats)]
+    lengths = np.asarray(out.lengths)
+    if not (lengths == new_tokens).all():  # the comparison is only fair at full length
+        raise RuntimeError(f"our sampler stopped early: lengths {sorted(set(lengths.tolist()))}")
+    best = min(steady)
+    return {
+        "first_call_s": first_s,
+        "steady_s": best,
+        "steady_runs_s": steady,
+        "compile_s": max(first_s - best, 0.0),
+        "tokens_per_s": ids.shape[0] * new_tokens / best,
+        "peak_rss_bytes": rss.peak,
+    }
+
+
+def run_transformers(hf_model, ids, mask, new_tokens: int, pad_id: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    # top_k=0 / top_p=1: transformers samples from top-50 by default; we sample the full softmax.
+    settings = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id)
+    times = []
+    with RssSampler() as rss, torch.inference_mode():
+        hf_model.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=2, **settings)  # warm-up
+        for r in range(repeats):
+            torch.manual_seed(r)
+            out, seconds = timed(lambda: hf_model.generate(
+                input_ids=ids_t, attention_mask=mask_t, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings
+            ))
+            times.append(seconds)
+    if out.shape[1] - ids.shape[1] != new_tokens:
+        raise RuntimeError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
+    best = min(times)
+    return {
+        "steady_s": best, "runs_s": times, "tokens_per_s": ids.shape[0] * new_tokens / best,
+        "peak_rss_bytes": rss.peak, "torch_threads": threads,
+    }
+
+
+def best_torch_threads(hf_model, ids, mask, pad_id: int) -> tuple[int, dict]:
+    """The torch thread count that generates fastest right now (1 or every core), from a short run.
+
+    On shared cores torch's OpenMP workers spin at barriers: with other jobs running, 2 threads
+    have measured 40x slower than 1 here, so a fixed count would make the baseline a straw man.
+    """
+    import os
+
+    trial = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        trial[threads] = run_transformers(hf_model, ids, mask, 8, pad_id, 1, threads)["steady_s"]
+    return min(trial, key=trial.get), trial
+
+
+def bench_model(name: str, folder: Path, prompts_fn, batches, new_token_counts, args, peak_flops: float) -> list[dict]:
+    import torch
+    import transformers
+
+    model = from_pretrained(folder, dtype="float32")
+    config = model.config
+    split = nnx.split(model)
+    hf_model = None
+    if not args.skip_transformers:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    all_prompts, pad_id = prompts_fn(max(batches))
+    results = []
+    for batch in batches:
+        ids, mask = pad_prompts(all_prompts[:batch], PROMPT_BUCKETS, pad_id)
+        for new_tokens in new_token_counts:
+            prompt_len = ids.shape[1]
+            # Useful FLOPs: every matmul weight once per token, attention over the real context.
+            mean_context = float(mask.sum(axis=1).mean()) + new_tokens / 2
+            flops_per_token = 2.0 * matmul_params(config) + attention_flops_per_token(config, mean_context)
+            row = {
+                "model": name, "params": count_params(model), "batch": batch, "prompt_len_padded": prompt_len,
+                "prompt_len_mean": float(mask.sum(axis=1).mean()), "new_tokens": new_tokens,
+                "kv_cache_bytes": kv_cache_bytes(config, batch, prompt_len + new_tokens),
+                "flops_per_token": flops_per_token,
+            }
+            print(f"[{name} b{batch} n{new_tokens}] ours ...", flush=True)
+            row["ours"] = run_ours(split, ids, mask, new_tokens, pad_id, args.repeats)
+            row["ours"]["fraction_of_matmul_peak"] = row["ours"]["tokens_per_s"] * flops_per_token / peak_flops
+            print(f"  ours {row['ours']['tokens_per_s']:.1f} tok/s (compile {row['ours']['compile_s']:.1f} s)", flush=True)
+            if hf_model is not None:
+                threads, trial = best_torch_threads(hf_model, ids, mask, pad_id)
+                row["transformers"] = run_transformers(hf_model, ids, mask, new_tokens, pad_id, args.hf_repeats, threads)
+                row["transformers"]["thread_trial_8_tokens_s"] = trial
+                hf = row["transformers"]
+                hf["fraction_of_matmul_peak"] = hf["tokens_per_s"] * flops_per_token / peak_flops
+                row["speedup_vs_transformers"] = row["ours"]["tokens_per_s"] / hf["tokens_per_s"]
+                print(f"  transformers {hf['tokens_per_s']:.1f} tok/s -> ours/transformers {row['speedup_vs_transformers']:.2f}x", flush=True)
+            results.append(row)
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2,tiny", help="comma list of smollm2, tiny")
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeats", type=int, default=2, help="steady-state runs of ours after the compiling one")
+    parser.add_argument("--hf-repeats", type=int, default=1, help="timed transformers runs after a warm-up")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 at b32 x 128 tokens; tiny at b32, b64 x 128")
+    parser.add_argument("--out", default=str(OUT_DIR / "rollout.json"))
+    args = parser.parse_args(argv)
+
+    plan = []  # (model, batches, new token counts)
+    for name in args.models.split(","):
+        if name not in ("smollm2", "tiny"):
+            parser.error(f"--models: unknown model {name!r}; use smollm2 and/or tiny")
+        if args.quick:
+            plan.append((name, [32] if name == "smollm2" else [32, 64], [128]))
+        else:
+            plan.append((name, args.batch, args.new_tokens))
+
+    peak_before = matmul_peak_flops("float32")
+    print(f"measured float32 matmul peak: {peak_before / 1e9:.1f} GFLOP/s", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, batches, new_token_counts in plan:
+            if name == "smollm2":
+                from pacs_jax.models.smollm2 import smollm2_dir
+
+                folder = smollm2_dir()
+                prompts_fn = lambda n, folder=folder: smollm2_prompts(folder, n)  # noqa: E731
+            else:
+                folder = make_tiny_hf_folder(Path(tmp) / "tiny")
+                vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+                prompts_fn = lambda n, vocab=vocab: tiny_prompts(vocab, n)  # noqa: E731
+            results += bench_model(name, folder, prompts_fn, batches, new_token_counts, args, peak_before)
+    peak_after = matmul_peak_flops("float32")
+    payload = {
+        "bench": "rollout",
+        "machine": machine_info(),
+        "note": "shared machine: other engineers' jobs run on the same cores; compare ratios within this run",
+        "matmul_peak_flops_float32": {"before": peak_before, "after": peak_after},
+        "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "stop": "none (full length)"},
+        "process_peak_rss_bytes": peak_rss_bytes(),
+        "results": results,
+    }
+    path = write_json(args.out, payload)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
