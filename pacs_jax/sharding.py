@@ -80,8 +80,11 @@ def with_rules(rules: Rules, **changes: MeshAxes) -> tuple[tuple[str, MeshAxes],
     return tuple((name, changes.get(name, axes)) for name, axes in rules)
 
 
-# Sampling layout: weights whole across `fsdp` (gathered once per rollout instead of once per
-# decoded token), still split over `tensor`. See bench/decode_layout.py for what it buys.
+# An optional sampling layout: weights whole across `fsdp` (one all-gather per rollout), still
+# split over `tensor`. NOT the default: with the training layout XLA already keeps FSDP weights
+# in place during decode and all-reduces the small activations instead of gathering weights per
+# token; on 8 CPU devices (bench/decode_layout.py) this layout won for a 128-wide model (x1.3-3.3)
+# and lost for a 512-wide one on fsdp-only meshes (x0.2-0.3). Measure on the target TPU first.
 DECODE_RULES = with_rules(LOGICAL_AXIS_RULES, embed=None)
 
 
