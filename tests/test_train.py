@@ -25,15 +25,15 @@ TINY = [
     "data.prompt_template={problem}=",
     "data.max_prompt_tokens=16",
     "data.synthetic_size=64",
-    "rollout.group_size=4",
+    "rollout.group_size=2",
     "rollout.max_new_tokens=6",
     "rollout.prompt_buckets=[16]",
     "reward.workers=1",
-    "trainer.prompts_per_step=4",
+    "trainer.prompts_per_step=8",
     "trainer.mini_batches=2",
     "trainer.tensorboard=false",
     "optimizer.lr=1e-3",
-    "mesh.data=1",
+    "mesh.data=-1",  # all 8 virtual devices (conftest): the sharded path is what runs
 ]
 
 
@@ -123,7 +123,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     [
         ("data.train=/nonexistent/train.jsonl", "data file not found: /nonexistent/train.jsonl"),
         ("model.path=/nonexistent/model", "/nonexistent/model"),
-        ("trainer.prompts_per_step=6", "trainer.mini_batches=2 must divide trainer.prompts_per_step=6"),
+        ("trainer.prompts_per_step=7", "trainer.mini_batches=2 must divide trainer.prompts_per_step=7"),
+        ("trainer.prompts_per_step=4", "trainer.prompts_per_step"),
+        ("mesh.tensor=3", "mesh"),
         ("trainer.no_such_key=1", "unknown key trainer.no_such_key"),
         ("algorithm.name=dpo", "algorithm.name: 'dpo' is not one of"),
     ],
