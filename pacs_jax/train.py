@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -115,7 +116,8 @@ class StopRequest:
 def train(config: Config) -> dict:
     """Run (or resume) training; returns paths of what it wrote."""
     t, r = config.trainer, config.rollout
-    run_dir = Path(t.run_dir)
+    # Logs are written locally; a gs:// run directory gets copies of them at every checkpoint.
+    run_dir = local_run_dir(t.run_dir)
     main = sharding.is_main_process()
 
     # Everything that can be wrong with the inputs is checked here, before anything compiles.
@@ -130,6 +132,7 @@ def train(config: Config) -> dict:
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _download_logs(t.run_dir, run_dir)
         save_config(config, run_dir / "config.yaml")
     algorithm = config.algorithm
     total_updates = t.total_steps * t.mini_batches
@@ -139,7 +142,7 @@ def train(config: Config) -> dict:
     state = jax.device_put(state, state_sharding)
     needs_reference = algorithm.name == "grpo" and algorithm.kl_coef > 0
 
-    checkpoint_dir = t.checkpoint_dir or str(run_dir / "checkpoints")
+    checkpoint_dir = t.checkpoint_dir or f"{t.run_dir.rstrip('/')}/checkpoints"
     checkpointer = Checkpointer(checkpoint_dir, keep_last=t.keep_last, keep_every=t.keep_every, save_every=max(t.save_every, 1))
     logger = MetricsLogger(run_dir, t.total_steps, tensorboard=t.tensorboard, wandb=t.wandb,
                            wandb_project=t.wandb_project, config=to_dict(config), is_main_process=main)
@@ -163,7 +166,7 @@ def train(config: Config) -> dict:
         checkpointer.save(0, _checkpoint_tree(state, reference), _meta(0, stream, config), force=True)
 
     if main and start_step < t.total_steps:
-        for folder in {str(run_dir), checkpoint_dir}:  # a DONE from a shorter earlier run is stale
+        for folder in {t.run_dir, checkpoint_dir}:  # a DONE from a shorter earlier run is stale
             (epath.Path(folder) / "DONE").unlink(missing_ok=True)
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id)
     prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature)
@@ -225,6 +228,7 @@ def train(config: Config) -> dict:
                 logger.log(step, metrics)
                 if t.save_every and step % t.save_every == 0 or step == t.total_steps or stop.signal_name:
                     checkpointer.save(step, _checkpoint_tree(state, reference), _meta(step, stream, config, metrics), force=True)
+                    _upload_logs(run_dir, t.run_dir, main)
             if stop.signal_name:
                 checkpointer.wait()
                 _say(main, f"stopped by {stop.signal_name} after step {step}; checkpoint saved in {checkpoint_dir}. "
@@ -247,9 +251,13 @@ def train(config: Config) -> dict:
         logger.close()
 
     outputs = {"run_dir": run_dir, "metrics": run_dir / "metrics.jsonl", "checkpoints": checkpoint_dir, "step": step}
-    if step == t.total_steps and main:
+    if main and step == t.total_steps:
+        from pacs_jax.plot import plot_runs
+
+        outputs["plots"] = plot_runs([run_dir], run_dir / "plots")
+        _upload_logs(run_dir, t.run_dir, main)
         # The spot-VM loop and sweeps read this marker: the run needs no further restarts.
-        for folder in {str(run_dir), checkpoint_dir}:
+        for folder in {t.run_dir, checkpoint_dir}:
             (epath.Path(folder) / "DONE").write_text(f"{step}\n")
     if t.export_hf and step == t.total_steps:
         from pacs_jax.models import save_pretrained
@@ -259,11 +267,39 @@ def train(config: Config) -> dict:
             tokenizer_dir = config.model.tokenizer or config.model.path
             save_pretrained(policy, t.export_hf, tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None)
         outputs["export_hf"] = Path(t.export_hf)
-    if main and step == t.total_steps:
-        from pacs_jax.plot import plot_runs
-
-        outputs["plots"] = plot_runs([run_dir], run_dir / "plots")
     return outputs
+
+
+def local_run_dir(run_dir: str) -> Path:
+    """Where logs are written: run_dir itself, or for a remote (gs://) run a local mirror
+    under $PACS_JAX_LOCAL_RUNS (default ~/pacs_jax_runs)."""
+    if "://" not in run_dir:
+        return Path(run_dir)
+    root = Path(os.environ.get("PACS_JAX_LOCAL_RUNS", "~/pacs_jax_runs")).expanduser()
+    return root / run_dir.split("://", 1)[1].strip("/").replace("/", "__")
+
+
+_LOG_FILES = ("metrics.jsonl", "config.yaml")
+
+
+def _download_logs(remote: str, local: Path) -> None:
+    """A resumed remote run continues the metrics it had (the VM that wrote them may be gone)."""
+    if "://" not in remote:
+        return
+    for name in _LOG_FILES:
+        source = epath.Path(remote) / name
+        if source.exists() and not (local / name).exists():
+            (local / name).write_text(source.read_text())
+
+
+def _upload_logs(local: Path, remote: str, main: bool) -> None:
+    if "://" not in remote or not main:
+        return
+    for path in [*(local / name for name in _LOG_FILES), *sorted((local / "plots").glob("*.png"))]:
+        if path.is_file():
+            target = epath.Path(remote) / path.relative_to(local)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
 
 
 def _to_host(tree):
