@@ -77,7 +77,7 @@ def _expected_hf_shape(name: str, config: DecoderConfig) -> tuple[int, ...]:
 
 
 def read_hf_config(path: str | Path) -> dict:
-    folder = Path(path)
+    folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist (model.path)")
     config_file = folder / "config.json"
@@ -111,7 +111,7 @@ def _safetensor_files(folder: Path) -> dict[str, Path]:
 
 def load_hf_params(folder: str | Path, config: DecoderConfig) -> dict:
     """Read every tensor, check its shape, and return our pure parameter dict (param dtype)."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     dtype = resolve_dtype(config.param_dtype, "model.param_dtype")
     locations = _safetensor_files(folder)
     handles = {}
@@ -166,6 +166,7 @@ def from_pretrained(
 ) -> Decoder:
     """Load a Hugging Face folder (config.json + safetensors) as our NNX decoder."""
     resolve_dtype(dtype, "dtype")
+    path = Path(path).expanduser()
     hf_config = read_hf_config(path)
     config = DecoderConfig.from_hf(
         hf_config, source=str(Path(path) / "config.json"), param_dtype=dtype, compute_dtype=compute_dtype or dtype, remat=remat
