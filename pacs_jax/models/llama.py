@@ -19,8 +19,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pacs_jax.sharding import constrain
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# Logical axes of the hidden states between layers (pacs_jax.sharding maps them to the mesh).
+ACTIVATION_AXES = ("batch", "length", "activation_embed")
 
 
 class ModelLoadError(ValueError):
@@ -357,13 +361,19 @@ class Decoder(nnx.Module):
             mask = causal[None] & attention_mask[:, None, :]
 
         x = self.embed[...].astype(compute)[input_ids]
+        # Without a cache (training / log-prob passes) keep rows on the data axes between layers:
+        # 2x faster updates on a (1, 4, 2) mesh. Decode is left to XLA, which keeps FSDP weights
+        # in place and reduces its few activations instead (constraining it was 2-4x slower).
+        # A no-op unless traced under jax.set_mesh.
+        constrain_rows = (lambda h: constrain(h, ACTIVATION_AXES)) if cache is None else (lambda h: h)
+        x = constrain_rows(x)
         inv_freq = rope_inverse_frequencies(config)
         layer_params = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(config)}
 
         def body(x, layer_inputs):
             params, cache_k, cache_v = layer_inputs
             x, cache_k, cache_v = decoder_layer(config, params, x, positions, mask, inv_freq, cache_k, cache_v, cache_index)
-            return x, (cache_k, cache_v)
+            return constrain_rows(x), (cache_k, cache_v)
 
         if config.remat == "full":
             body = jax.checkpoint(body, prevent_cse=False)
