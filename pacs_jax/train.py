@@ -128,7 +128,9 @@ def train(config: Config) -> dict:
         raise ConfigError(f"sft.steps={config.sft.steps} needs reference solutions, which {config.data.train} does not provide")
     policy = load_policy(config, tokenizer)
     mesh = sharding.make_mesh(config.mesh)
-    sharding.validate_mesh_for_model(mesh, policy.config, t.prompts_per_step, r.group_size)
+    sharding.validate_mesh_for_model(
+        mesh, policy.config, t.prompts_per_step, r.group_size, mini_batches=t.mini_batches, micro_batches=t.micro_batches
+    )
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
