@@ -282,9 +282,12 @@ def test_sweep_of_two_tiny_runs_on_cpu(tmp_path, capsys):
         "base_config": str(DEBUG_CPU),
         "name": "tiny",
         "run_root": str(tmp_path / "runs"),
-        "overrides": ["trainer.total_steps=2", "trainer.prompts_per_step=2", "trainer.mini_batches=1",
+        # prompts_per_step: a multiple of the 8 virtual devices conftest creates (mesh.data=-1).
+        "overrides": ["trainer.total_steps=2", "trainer.prompts_per_step=8", "trainer.mini_batches=1",
                       "trainer.micro_batches=1", "rollout.group_size=2", "rollout.max_new_tokens=8",
-                      "trainer.eval_every=0", "trainer.save_every=0"],
+                      "trainer.eval_every=0", "trainer.save_every=0", "sft.steps=0", "trainer.tensorboard=false",
+                      "model.arch={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+                      "num_attention_heads: 2, num_key_value_heads: 1}"],
         "grid": {"algorithm.beta": [1.0, 2.0]},
     })
     assert sweep_mod.main([str(path)]) == 0
