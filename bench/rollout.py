@@ -122,7 +122,7 @@ def best_torch_threads(hf_model, ids, mask, pad_id: int) -> tuple[int, dict]:
     return min(trial, key=trial.get), trial
 
 
-def bench_model(name: str, folder: Path, prompts_fn, batches, new_token_counts, args, peak_flops: float) -> list[dict]:
+def bench_model(name: str, folder: Path, prompts_fn, batches, new_token_counts, args) -> list[dict]:
     import torch
     import transformers
 
@@ -149,14 +149,12 @@ def bench_model(name: str, folder: Path, prompts_fn, batches, new_token_counts, 
             }
             print(f"[{name} b{batch} n{new_tokens}] ours ...", flush=True)
             row["ours"] = run_ours(split, ids, mask, new_tokens, pad_id, args.repeats)
-            row["ours"]["fraction_of_matmul_peak"] = row["ours"]["tokens_per_s"] * flops_per_token / peak_flops
             print(f"  ours {row['ours']['tokens_per_s']:.1f} tok/s (compile {row['ours']['compile_s']:.1f} s)", flush=True)
             if hf_model is not None:
                 threads, trial = best_torch_threads(hf_model, ids, mask, pad_id)
                 row["transformers"] = run_transformers(hf_model, ids, mask, new_tokens, pad_id, args.hf_repeats, threads)
                 row["transformers"]["thread_trial_8_tokens_s"] = trial
                 hf = row["transformers"]
-                hf["fraction_of_matmul_peak"] = hf["tokens_per_s"] * flops_per_token / peak_flops
                 row["speedup_vs_transformers"] = row["ours"]["tokens_per_s"] / hf["tokens_per_s"]
                 print(f"  transformers {hf['tokens_per_s']:.1f} tok/s -> ours/transformers {row['speedup_vs_transformers']:.2f}x", flush=True)
             results.append(row)
@@ -200,8 +198,14 @@ def main(argv=None) -> dict:
                 folder = make_tiny_hf_folder(Path(tmp) / "tiny")
                 vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
                 prompts_fn = lambda n, vocab=vocab: tiny_prompts(vocab, n)  # noqa: E731
-            results += bench_model(name, folder, prompts_fn, batches, new_token_counts, args, peak_before)
+            results += bench_model(name, folder, prompts_fn, batches, new_token_counts, args)
     peak_after = matmul_peak_flops("float32")
+    # The higher of the two peaks: the machine is shared, so the lower one understates what it can do.
+    peak = max(peak_before, peak_after)
+    for row in results:
+        for side in ("ours", "transformers"):
+            if side in row:
+                row[side]["fraction_of_matmul_peak"] = row[side]["tokens_per_s"] * row["flops_per_token"] / peak
     payload = {
         "bench": "rollout",
         "machine": machine_info(),

@@ -80,13 +80,11 @@ def bench_variant(name: str, folder: Path, dtype: str, remat: str, args, peaks: 
         "tokens_per_update": tokens, "flops_per_update": flops,
         "first_call_s": first_s, "compile_s": max(first_s - best, 0.0), "steady_s": best, "steady_runs_s": steady,
         "tokens_per_s": tokens / best,
-        "mfu_vs_same_dtype_peak": flops / best / peaks[dtype],
-        "mfu_vs_float32_peak": flops / best / peaks["float32"],
         "prepare_first_call_s": prepare_first_s, "prepare_s": prepare_s, "prepare_tokens_per_s": tokens / prepare_s,
         "peak_rss_bytes": rss.peak, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
     }
-    print(f"  {row['tokens_per_s']:.0f} tok/s, MFU {row['mfu_vs_same_dtype_peak']:.1%} of the {dtype} peak, "
-          f"compile {row['compile_s']:.1f} s, peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
+    print(f"  {row['tokens_per_s']:.0f} tok/s ({flops / best / peaks[dtype]:.1%} of the {dtype} matmul peak measured "
+          f"before), compile {row['compile_s']:.1f} s, peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
     return row
 
 
@@ -129,12 +127,18 @@ def main(argv=None) -> dict:
                 else:
                     folders[name] = make_tiny_hf_folder(Path(tmp) / "tiny")
             results.append(bench_variant(name, folders[name], dtype, remat, args, peaks))
+    # The higher of the peaks measured before and after: the machine is shared, so the lower one
+    # understates what it can do (and would flatter the MFU).
+    for dtype in peaks:
+        peaks[dtype] = max(peaks[dtype], matmul_peak_flops(dtype))
+    for row in results:
+        row["mfu_vs_same_dtype_peak"] = row["flops_per_update"] / row["steady_s"] / peaks[row["dtype"]]
+        row["mfu_vs_float32_peak"] = row["flops_per_update"] / row["steady_s"] / peaks["float32"]
     payload = {
         "bench": "update",
         "machine": machine_info(),
         "note": "shared machine: other engineers' jobs run on the same cores; compare ratios within this run",
         "matmul_peak_flops": peaks,
-        "matmul_peak_flops_float32_after": matmul_peak_flops("float32"),
         "algorithm": "pacs, one optimizer step (1 mini-batch, 1 micro-batch), AdamW + clip",
         "process_peak_rss_bytes": peak_rss_bytes(),
         "results": results,
