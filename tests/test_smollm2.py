@@ -30,6 +30,16 @@ QUESTIONS = (
 NEW_TOKENS = 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On 2 shared cores torch's OpenMP threads spin at barriers while JAX computes: 1 thread is
+    up to 10x faster there (bench/RESULTS.md). Restored afterwards for other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path):
     return load_tokenizer(str(smollm2_path))
