@@ -1,8 +1,9 @@
 """Our miniature of the paper's comparison: PACS (beta 1 and 2, with and without the "question"
 weights), GRPO and PPO on the CPU debug task, with the same budget and seeds.
 
-Each run is `python -m pacs_jax train --config configs/debug_cpu.yaml` plus its overrides (its own
-SFT warm-up, identical across algorithms for a given seed). Writes, under --out:
+Each seed's SFT warm-up runs once (a run with total_steps=0 that exports the warmed-up policy as
+an HF folder); every algorithm then starts from that same policy (`model.path`, `sft.steps=0`), so
+runs with the same seed differ only in the algorithm. Writes, under --out:
   runs/<variant>/seed<k>/     the run directories
   compare.json                per run: final reward, steps to 50%, wall time; per variant: means
   compare.md                  the table
@@ -73,13 +74,25 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     results: dict[str, dict[int, dict]] = {}
+    warmed_up = {}
+    for seed in seeds:
+        sft_dir = out / "runs" / "sft" / f"seed{seed}"
+        warmed_up[seed] = sft_dir / "policy"
+        if not (warmed_up[seed] / "config.json").exists():
+            print(f"[sft seed {seed}] warm-up", flush=True)
+            subprocess.run([
+                sys.executable, "-m", "pacs_jax", "train", "--config", args.config, f"trainer.seed={seed}",
+                "trainer.total_steps=0", f"trainer.run_dir={sft_dir}", "trainer.eval_every=0",
+                f"trainer.export_hf={warmed_up[seed]}", *args.overrides,
+            ], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     for variant in variants:
         for seed in seeds:
             run_dir = out / "runs" / variant / f"seed{seed}"
             command = [
                 sys.executable, "-m", "pacs_jax", "train", "--config", args.config, *VARIANTS[variant],
                 f"trainer.seed={seed}", f"trainer.total_steps={args.steps}", f"trainer.run_dir={run_dir}",
-                "trainer.eval_every=0", f"trainer.save_every={args.steps}", *args.overrides,
+                "trainer.eval_every=0", f"trainer.save_every={args.steps}", f"model.path={warmed_up[seed]}",
+                "model.tokenizer=char", "sft.steps=0", *args.overrides,
             ]
             if not (run_dir / "DONE").exists():
                 print(f"[{variant} seed {seed}] {' '.join(command[3:])}", flush=True)

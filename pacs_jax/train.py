@@ -256,7 +256,7 @@ def train(config: Config) -> dict:
     if main and step == t.total_steps:
         from pacs_jax.plot import plot_runs
 
-        outputs["plots"] = plot_runs([run_dir], run_dir / "plots")
+        outputs["plots"] = plot_runs([run_dir], run_dir / "plots") if step > 0 else []
         _upload_logs(run_dir, t.run_dir, main)
         # The spot-VM loop and sweeps read this marker: the run needs no further restarts.
         for folder in {t.run_dir, checkpoint_dir}:
