@@ -1,4 +1,4 @@
-"""Command line: python -m pacs_jax {train, eval, generate, convert, sweep, plot} ..."""
+"""Command line: python -m pacs_jax {train, eval, generate, convert, sweep, compile, plot} ..."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ def _sweep(args) -> int:
     return sweep.main(args.sweep_args)
 
 
+def _compile(args) -> int:
+    from pacs_jax import compile_tpu
+
+    return compile_tpu.run(args)
+
+
 def _plot(args) -> int:
     from pacs_jax import plot
 
@@ -109,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep", help="expand a grid of overrides into runs (see configs/sweeps/)", add_help=False)
     p.add_argument("sweep_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_sweep)
+
+    p = commands.add_parser("compile", help="AOT-compile the RL step for a TPU topology on this CPU and check it fits in HBM")
+    from pacs_jax import compile_tpu
+
+    compile_tpu.add_arguments(p)
+    p.set_defaults(func=_compile)
 
     p = commands.add_parser("plot", help="PNG curves from one or more run directories")
     from pacs_jax import plot

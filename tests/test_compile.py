@@ -1,0 +1,154 @@
+"""`python -m pacs_jax compile`: ahead-of-time TPU compilation on this CPU with libtpu.
+
+A tiny config compiles for v5e-4 and v5p-16 and its per-chip figures match closed forms (the
+train state's bytes from the architecture, the KV cache's bytes from the rollout's shape); an
+oversized model fails with the out-of-memory advice; bad names and meshes fail before compiling.
+Product names are checked against Cloud TPU's documented slice shapes and libtpu's own topology.
+"""
+
+import dataclasses
+import json
+
+import pytest
+
+from pacs_jax import compile_tpu
+from pacs_jax.__main__ import main
+from pacs_jax.config import ConfigError, load_config
+
+_problem = compile_tpu.libtpu_problem()
+pytestmark = pytest.mark.skipif(_problem is not None, reason=f"TPU AOT compilation unavailable: {_problem}")
+
+# Widths that are multiples of the TPU's (8, 128) tiles, so XLA pads nothing and per-chip bytes
+# can be compared with a closed form. Every weight has an `embed` axis, so FSDP splits all of it.
+ARCH = dict(model_type="llama", vocab_size=1024, hidden_size=1024, intermediate_size=1024,
+            num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
+PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 64, 4, 32, 224
+TINY = {
+    "model": {"arch": ARCH, "param_dtype": "float32", "compute_dtype": "bfloat16", "remat": "none"},
+    "data": {"max_prompt_tokens": PROMPT_LEN},
+    "rollout": {"group_size": GROUP, "max_new_tokens": NEW_TOKENS, "prompt_buckets": [PROMPT_LEN]},
+    "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+    "trainer": {"prompts_per_step": PROMPTS, "mini_batches": 1, "micro_batches": 1},
+}
+
+
+def write_config(tmp_path, tree) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(tree))  # JSON is YAML
+    return str(path)
+
+
+def tiny_overrides() -> list[str]:
+    return [f"{section}.{key}={json.dumps(value)}" for section, keys in TINY.items() for key, value in keys.items()]
+
+
+def train_state_bytes() -> int:
+    """float32 weights + AdamW's two float32 moments, from the architecture alone."""
+    d, f, v, layers = ARCH["hidden_size"], ARCH["intermediate_size"], ARCH["vocab_size"], ARCH["num_hidden_layers"]
+    per_layer = 4 * d * d + 3 * d * f + 2 * d  # q, k, v, o (8 heads x 128 = d), gate/up/down, two norms
+    weights = 2 * v * d + layers * per_layer + d  # embedding, LM head (untied), final norm
+    return 3 * 4 * weights
+
+
+def update_batch_bytes() -> int:
+    rows = PROMPTS * GROUP
+    int32_columns = 2 * PROMPT_LEN + 2 * NEW_TOKENS  # prompt ids/mask, response ids/mask
+    return 4 * rows * (int32_columns + 1 + NEW_TOKENS)  # + rewards + old log-probs (float32)
+
+
+def kv_cache_bytes() -> int:
+    """Keys and values of every response for every layer, bfloat16."""
+    head_dim = ARCH["hidden_size"] // ARCH["num_attention_heads"]
+    return 2 * 2 * ARCH["num_hidden_layers"] * PROMPTS * GROUP * ARCH["num_key_value_heads"] * (PROMPT_LEN + NEW_TOKENS) * head_dim
+
+
+def check_against_closed_forms(programs: dict, chips: int, kv_cache_in_hbm: bool) -> None:
+    for report in programs.values():
+        assert report["fits"] and not report["error"]
+        for key in ("argument_bytes", "output_bytes", "peak_bytes", "code_bytes", "xla_flops", "model_flops"):
+            assert report[key] > 0, (report["name"], key)
+    if "update" in programs:
+        update = programs["update"]
+        expected = (train_state_bytes() + update_batch_bytes()) / chips
+        assert update["argument_bytes"] == pytest.approx(expected, rel=0.01)
+        # The state is donated: the new state reuses its buffers.
+        assert update["alias_bytes"] == pytest.approx(train_state_bytes() / chips, rel=0.01)
+        assert update["temp_bytes"] > 0
+    if kv_cache_in_hbm:
+        # The cache is split over the chips: at least its share, far less than a whole copy.
+        kv = kv_cache_bytes() / chips
+        assert kv <= programs["rollout"]["temp_bytes"] <= 2.5 * kv
+
+
+@pytest.mark.slow
+def test_tiny_config_compiles_for_v5e_4(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = main(["compile", "--config", write_config(tmp_path, TINY), "--topology", "v5e-4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "fits: every program compiles for v5e-4" in printed
+    report = json.loads(out.read_text())
+    assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["fits"]
+    assert report["hbm_bytes"] == 16 * 2**30
+    programs = {p["name"]: p for p in report["programs"]}
+    assert set(programs) == {"rollout", "old_logprobs", "update"}
+    # v5e keeps a cache this small in on-chip VMEM, which HBM figures do not count: check it on v5p.
+    check_against_closed_forms(programs, chips=4, kv_cache_in_hbm=False)
+
+
+@pytest.mark.slow
+def test_tiny_config_compiles_for_v5p_16_multi_host():
+    config = load_config(None, tiny_overrides())
+    report = compile_tpu.compile_for_topology(config, compile_tpu.parse_topology("v5p-16"), programs=["rollout"])
+    assert (report.chips, report.hosts, report.mesh["fsdp"]) == (8, 2, 8)
+    check_against_closed_forms({p.name: dataclasses.asdict(p) for p in report.programs}, chips=8, kv_cache_in_hbm=True)
+
+
+def test_oversized_model_fails_with_out_of_memory_advice(tmp_path, capsys):
+    huge = {**TINY, "model": {**TINY["model"], "arch": {**ARCH, "hidden_size": 8192, "intermediate_size": 28672,
+                                                         "num_hidden_layers": 80, "num_attention_heads": 64,
+                                                         "num_key_value_heads": 8, "vocab_size": 32768}}}
+    code = main(["compile", "--config", write_config(tmp_path, huge), "--topology", "v5e-4", "--programs", "update"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "does not fit in the 16.00 GiB of HBM per chip of v5e-4" in captured.err
+    assert "update:" in captured.err and "trainer.micro_batches" in captured.err and "model.remat=full" in captured.err
+
+
+# Cloud TPU's documented slices: (chips, hosts, shape). v4/v5p names count TensorCores.
+DOCUMENTED = {
+    "v4-8": (4, 1, (2, 2, 1)), "v4-16": (8, 2, (2, 2, 2)), "v4-32": (16, 4, (2, 2, 4)),
+    "v5p-8": (4, 1, (2, 2, 1)), "v5p-16": (8, 2, (2, 2, 2)), "v5p-64": (32, 8, (2, 4, 4)), "v5p-128": (64, 16, (4, 4, 4)),
+    "v5e-1": (1, 1, (1, 1)), "v5e-4": (4, 1, (2, 2)), "v5litepod-8": (8, 1, (2, 4)), "v5litepod-16": (16, 4, (4, 4)),
+    "v5e-256": (256, 64, (16, 16)), "v6e-8": (8, 1, (2, 4)), "v6e-64": (64, 16, (8, 8)),
+    "v5e:2x2": (4, 1, (2, 2)), "v5p:2x4x4": (32, 8, (2, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_topology_names_match_the_documented_slices_and_libtpu(name):
+    chips, hosts, shape = DOCUMENTED[name]
+    topology = compile_tpu.parse_topology(name)
+    assert (topology.chips, topology.hosts, topology.shape) == (chips, hosts, shape)
+    devices = compile_tpu.tpu_devices(topology)  # libtpu's own description of the slice
+    assert len(devices) == chips
+    assert len({d.process_index for d in devices}) == hosts
+
+
+@pytest.mark.parametrize("name", ["v5z-8", "v5p-48", "v5e-12", "v5p:3x3x3", "tpu"])
+def test_unknown_topology_fails_before_compiling_with_the_known_list(tmp_path, capsys, name):
+    assert main(["compile", "--config", write_config(tmp_path, TINY), "--topology", name]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown TPU topology {name!r}" in err
+    assert "v5p-64" in err and "v5e-4" in err and "v4-8" in err and "v6e-8" in err
+
+
+@pytest.mark.parametrize("overrides, topology, message", [
+    (["model.arch.num_key_value_heads=2", "mesh.fsdp=1", "mesh.tensor=-1"], "v5e-8", "mesh.tensor=8 must divide"),
+    (["mesh.data=3", "mesh.fsdp=1"], "v5e-4", "but there are 4 devices"),
+    (["trainer.prompts_per_step=6"], "v5e-4", "trainer.prompts_per_step=6 must be divisible by"),
+])
+def test_bad_mesh_or_batch_fails_before_compiling(overrides, topology, message):
+    config = load_config(None, tiny_overrides() + overrides)
+    with pytest.raises(ConfigError, match=message):
+        compile_tpu.compile_for_topology(config, compile_tpu.parse_topology(topology))
