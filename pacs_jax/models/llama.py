@@ -227,9 +227,31 @@ def attention(q, k, v, mask, scale):
     return out.reshape(batch, length, heads, dim)
 
 
-def decoder_layer(config: DecoderConfig, params: dict, x, positions, mask, inv_freq, cache_k, cache_v, cache_index):
-    """One transformer block. With a cache (cache_k/v [B,KV,S,D]) the new keys are written at
-    `cache_index` and attention runs over the whole cache; without one, over the sequence itself."""
+def cached_attention(q, cache_k, cache_v, k, v, cache_mask, new_mask, scale):
+    """Attention of this call's queries over the cache as it was before the call plus this call's
+    own keys/values, without writing them into the cache first (the caller writes every layer's
+    new keys once, after the layer scan: writing inside the scan made XLA copy the whole cache).
+    q: [B,T,H,D]; cache_k/v: [B,KV,S,D]; k, v: [B,KV,T,D]; cache_mask: [B,S] (old slots a query
+    may see); new_mask: [B,T,T] (causal, over real tokens among the new ones)."""
+    batch, length, heads, dim = q.shape
+    kv_heads, slots = cache_k.shape[1], cache_k.shape[2]
+    group = heads // kv_heads
+    # Queries as rows (t, g) of one [B, KV] batched matmul: for T = 1 a plain matrix-vector product.
+    q = q.reshape(batch, length, kv_heads, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, length * group, dim)
+    neg = jnp.finfo(jnp.float32).min
+    old = jnp.einsum("bkqd,bksd->bkqs", q, cache_k, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(cache_mask[:, None, None, :], old, neg)
+    own = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * scale
+    own = jnp.where(jnp.repeat(new_mask, group, axis=1)[:, None], own, neg)
+    probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs[..., :slots], cache_v) + jnp.einsum("bkqt,bktd->bkqd", probs[..., slots:], v)
+    return out.reshape(batch, kv_heads, length, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, length, heads, dim)
+
+
+def decoder_layer(config: DecoderConfig, params: dict, x, positions, inv_freq, attend):
+    """One transformer block. `attend(q [B,T,H,D], k, v [B,KV,T,D])` is the attention (over the
+    sequence itself, or over a KV cache plus the new tokens). Returns (x, k, v): the new keys and
+    values, which a cached pass writes into its cache."""
     dtype = x.dtype
     h = rms_norm(x, params["attn_norm"], config.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, params["q_proj"].astype(dtype))
@@ -246,11 +268,7 @@ def decoder_layer(config: DecoderConfig, params: dict, x, positions, mask, inv_f
     k = apply_rope(k, positions, inv_freq)
     k = k.transpose(0, 2, 1, 3)  # [B, KV, T, D]
     v = v.transpose(0, 2, 1, 3)
-    if cache_k is not None:
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
-        k, v = cache_k, cache_v
-    attn = attention(q, k, v, mask, 1.0 / math.sqrt(config.head_dim))
+    attn = attend(q, k, v)
     out = jnp.einsum("bthk,hkd->btd", attn, params["o_proj"].astype(dtype))
     if config.o_bias:
         out = out + params["o_bias"].astype(dtype)
@@ -259,7 +277,7 @@ def decoder_layer(config: DecoderConfig, params: dict, x, positions, mask, inv_f
     gate = jnp.einsum("btd,df->btf", h, params["gate_proj"].astype(dtype))
     up = jnp.einsum("btd,df->btf", h, params["up_proj"].astype(dtype))
     x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, params["down_proj"].astype(dtype))
-    return x, cache_k, cache_v
+    return x, k, v
 
 
 # ----------------------------------------------------------------------------- the module
@@ -351,14 +369,15 @@ class Decoder(nnx.Module):
                 positions = jax.lax.dynamic_slice_in_dim(seen, cache_index, length, axis=1)
                 positions = jnp.maximum(positions, 0)
 
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        scale = 1.0 / math.sqrt(config.head_dim)
         if cache is None:
-            causal = jnp.tril(jnp.ones((length, length), bool))
             mask = causal[None] & attention_mask[:, None, :]
         else:
-            slots = jnp.arange(cache.k.shape[3])
-            query_slots = cache_index + jnp.arange(length)
-            causal = slots[None, :] <= query_slots[:, None]
-            mask = causal[None] & attention_mask[:, None, :]
+            # Old slots: real tokens written before this call. New tokens: causal among the real ones.
+            cache_mask = attention_mask & (jnp.arange(cache.k.shape[3]) < cache_index)[None]
+            new_real = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, length, axis=1)
+            new_mask = causal[None] & new_real[:, None, :]
 
         x = self.embed[...].astype(compute)[input_ids]
         # Without a cache (training / log-prob passes) keep rows on the data axes between layers:
@@ -370,23 +389,39 @@ class Decoder(nnx.Module):
         inv_freq = rope_inverse_frequencies(config)
         layer_params = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(config)}
 
-        def body(x, layer_inputs):
-            params, cache_k, cache_v = layer_inputs
-            x, cache_k, cache_v = decoder_layer(config, params, x, positions, mask, inv_freq, cache_k, cache_v, cache_index)
-            return constrain_rows(x), (cache_k, cache_v)
+        if cache is None:
 
+            def body(x, params):
+                x, _, _ = decoder_layer(config, params, x, positions, inv_freq, lambda q, k, v: attention(q, k, v, mask, scale))
+                return constrain_rows(x), None
+
+            xs = layer_params
+        else:
+            # The cache is read-only inside the scan (as xs); each layer returns its new keys/values
+            # and all layers' are written with one in-place update after the scan.
+            def body(x, layer_inputs):
+                params, cache_k, cache_v = layer_inputs
+                attend = lambda q, k, v: cached_attention(q, cache_k, cache_v, k, v, cache_mask, new_mask, scale)
+                x, k, v = decoder_layer(config, params, x, positions, inv_freq, attend)
+                return x, (k, v)
+
+            xs = (layer_params, cache.k, cache.v)
         if config.remat == "full":
             body = jax.checkpoint(body, prevent_cse=False)
         elif config.remat == "dots":
             body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        cache_layers = (cache.k, cache.v) if cache is not None else (None, None)
-        x, (new_k, new_v) = jax.lax.scan(body, x, (layer_params, *cache_layers))
+        x, new_kv = jax.lax.scan(body, x, xs)
         out = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
         if not return_hidden:
             out = self.logits(out)
         if cache is None:
             return out
-        return out, KVCache(new_k, new_v)
+        new_k, new_v = new_kv  # [L, B, KV, T, D]
+        start = (0, 0, 0, cache_index, 0)
+        return out, KVCache(
+            jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), start),
+            jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), start),
+        )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         compute = resolve_dtype(self.config.compute_dtype)
