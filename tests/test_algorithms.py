@@ -129,7 +129,7 @@ def np_pacs(logprobs, old_logprobs, mask, rewards, group_size, beta, reward_meth
         "pacs/psi_min": psi.min(),
         "pacs/psi_max": psi.max(),
         "pacs/score_mean": scores.mean(),
-        "pacs/critic_accuracy": np.mean([(prob[i] > 0.5) == (rewards[i] == 1) for i in range(n)]),
+        "pacs/critic_accuracy": np.mean([0.5 if abs(psi[i]) <= 1e-6 else float((prob[i] > 0.5) == (rewards[i] == 1)) for i in range(n)]),
         "pacs/critic_log_loss": -np.mean(
             [rewards[i] * math.log(prob[i]) + (1 - rewards[i]) * math.log(1 - prob[i]) for i in range(n)]
         ),
