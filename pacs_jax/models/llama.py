@@ -380,11 +380,13 @@ class Decoder(nnx.Module):
             new_mask = causal[None] & new_real[:, None, :]
 
         x = self.embed[...].astype(compute)[input_ids]
-        # Without a cache (training / log-prob passes) keep rows on the data axes between layers:
-        # 2x faster updates on a (1, 4, 2) mesh. Decode is left to XLA, which keeps FSDP weights
-        # in place and reduces its few activations instead (constraining it was 2-4x slower).
-        # A no-op unless traced under jax.set_mesh.
-        constrain_rows = (lambda h: constrain(h, ACTIVATION_AXES)) if cache is None else (lambda h: h)
+        # Without a cache (training / log-prob passes) and in the prefill, keep rows on the data axes
+        # between layers: 2x faster updates on a (1, 4, 2) mesh, and a Qwen2.5-7B rollout of 1024
+        # prompts on v5p-64 needs 79 GiB per chip instead of 106 (`python -m pacs_jax compile`).
+        # Single-token decode is left to XLA, which keeps FSDP weights in place and reduces its few
+        # activations instead (constraining it was 2-4x slower). A no-op unless under jax.set_mesh.
+        rows_constrained = cache is None or length > 1
+        constrain_rows = (lambda h: constrain(h, ACTIVATION_AXES)) if rows_constrained else (lambda h: h)
         x = constrain_rows(x)
         inv_freq = rope_inverse_frequencies(config)
         layer_params = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(config)}
@@ -403,7 +405,7 @@ class Decoder(nnx.Module):
                 params, cache_k, cache_v = layer_inputs
                 attend = lambda q, k, v: cached_attention(q, cache_k, cache_v, k, v, cache_mask, new_mask, scale)
                 x, k, v = decoder_layer(config, params, x, positions, inv_freq, attend)
-                return x, (k, v)
+                return constrain_rows(x), (k, v)
 
             xs = (layer_params, cache.k, cache.v)
         if config.remat == "full":
