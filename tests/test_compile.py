@@ -8,6 +8,7 @@ Product names are checked against Cloud TPU's documented slice shapes and libtpu
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,18 @@ def test_bad_mesh_or_batch_fails_before_compiling(overrides, topology, message):
     config = load_config(None, tiny_overrides() + overrides)
     with pytest.raises(ConfigError, match=message):
         compile_tpu.compile_for_topology(config, compile_tpu.parse_topology(topology))
+
+
+def test_architecture_comes_from_arch_file_or_model_folder_without_weights(tmp_path):
+    folder = tmp_path / "Qwen2.5-3B"
+    config = load_config(None, [f"model.path={folder}"])
+    with pytest.raises(ConfigError, match="has no config.json .* --arch configs/arch/qwen2.5-7b.json"):
+        compile_tpu.decoder_config_for(config)
+    folder.mkdir()
+    (folder / "config.json").write_text((Path(__file__).parents[1] / "configs/arch/qwen2.5-3b.json").read_text())
+    from_folder, _ = compile_tpu.decoder_config_for(config)
+    from_file, _ = compile_tpu.decoder_config_for(config, str(folder / "config.json"))
+    # Qwen2.5-3B's model card: 36 layers, 16 query / 2 KV heads of 128, tied embeddings, q/k/v biases.
+    assert from_folder == from_file
+    assert (from_folder.num_layers, from_folder.num_heads, from_folder.num_kv_heads, from_folder.head_dim) == (36, 16, 2, 128)
+    assert from_folder.tie_word_embeddings and from_folder.qkv_bias
