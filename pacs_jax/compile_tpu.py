@@ -315,7 +315,7 @@ def compile_for_topology(
 
     from pacs_jax import sharding
     from pacs_jax.rollout import SamplingParams, _generate, pick_bucket
-    from pacs_jax.update import ROLLOUT_KEYS, make_prepare_fn, make_update_fn
+    from pacs_jax.update import make_prepare_fn, make_update_fn
 
     t, r, a = config.trainer, config.rollout, config.algorithm
     decoder_config, hf = decoder_config_for(config, arch_file)
