@@ -171,7 +171,8 @@ def train(config: Config) -> dict:
         for folder in {t.run_dir, checkpoint_dir}:  # a DONE from a shorter earlier run is stale
             (epath.Path(folder) / "DONE").unlink(missing_ok=True)
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id)
-    prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature)
+    # Old log-probs in chunks of one micro-batch: the same peak memory as a gradient step.
+    prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature, chunks=t.mini_batches * t.micro_batches)
     update = make_update_fn(
         graphdefs, optimizer, algorithm, group_size=r.group_size, mini_batches=t.mini_batches,
         micro_batches=t.micro_batches, temperature=r.temperature, state_sharding=state_sharding,
