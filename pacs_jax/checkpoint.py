@@ -15,7 +15,6 @@ Directories may be local paths or `gs://...`; they go to Orbax as `etils.epath.P
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, NamedTuple

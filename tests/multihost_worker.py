@@ -42,7 +42,6 @@ def deterministic_batch() -> dict[str, np.ndarray]:
 def update_step_summary() -> dict:
     """One PACS update on the global mesh; every process passes only its own rows."""
     import jax
-    import jax.numpy as jnp
 
     from pacs_jax import sharding
     from pacs_jax.config import AlgorithmConfig, MeshConfig, OptimizerConfig

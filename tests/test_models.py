@@ -3,7 +3,6 @@ and clear errors for folders that do not match."""
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

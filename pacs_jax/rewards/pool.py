@@ -20,7 +20,6 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
-import os
 import queue
 import signal
 import threading
