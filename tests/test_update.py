@@ -104,16 +104,17 @@ def test_non_finite_gradient_skips_the_step(rollout):
     state, metrics = run_update(rollout, algorithm, optimizer, mini=2, micro=1, corrupt=plant_nan)
     assert float(metrics["skipped_steps"]) == 1.0
     assert np.isfinite(flat(state.params)).all()
-    # The second mini-batch's step was taken; compare with a run that only takes that step.
+    # The second mini-batch's step was taken: one NaN in the first mini-batch leaves exactly the
+    # state of a run whose whole first mini-batch is NaN (both skip step 1 and take step 2).
     only_second = run_update(rollout, algorithm, optimizer, mini=2, micro=1,
                              corrupt=lambda b: {**b, "old_logprobs": b["old_logprobs"].at[:8].set(jnp.nan)})[0]
     assert not np.allclose(flat(state.params), initial)
+    np.testing.assert_array_equal(flat(state.params), flat(only_second.params))
     all_nan, m = run_update(rollout, algorithm, optimizer, mini=2, micro=1,
                             corrupt=lambda b: {**b, "old_logprobs": b["old_logprobs"] * jnp.nan})
     assert float(m["skipped_steps"]) == 2.0
     np.testing.assert_array_equal(flat(all_nan.params), initial)
     np.testing.assert_array_equal(flat(all_nan.opt_state), flat(init_train_state(init_decoder(CONFIG), optimizer, False)[1].opt_state))
-    del only_second
 
 
 def test_global_norm_clipping_is_applied():
@@ -155,7 +156,7 @@ def test_every_algorithm_updates_with_finite_metrics(rollout, name):
     if name == "ppo":
         assert "critic" in state.params and "critic/value_loss" in metrics
     if name == "pacs":
-        assert "pacs/critic_accuracy" in metrics or any("critic" in k for k in metrics)
+        assert "pacs/critic_accuracy" in metrics
 
 
 def test_reference_logprobs_for_kl(rollout):
