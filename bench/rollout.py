@@ -4,9 +4,13 @@ on the same model, weights, prompts and settings, measured in the same run.
     python -m bench.rollout --quick                     # SmolLM2 b32 x 64 tokens + tiny b32/b64 x 128
     python -m bench.rollout                             # the full grid (slow on 2 cores)
     python -m bench.rollout --models tiny --batch 64 --new-tokens 512
+    python -m bench.rollout --models smollm2 --batch 32 --group 8 --new-tokens 128   # 4 prompts x 8
 
-Both sides sample at temperature 1 from the full distribution (no top-k / top-p) and generate
-exactly `new_tokens` per row: ours with no stop tokens, transformers with min_new_tokens. Our
+`--batch` counts rows (responses sampled at once): batch / group distinct prompts, each sampled
+`--group` times, as PACS and GRPO do (transformers: `num_return_sequences`). Both sides sample at
+temperature 1 (top-k / top-p off unless `--top-k` / `--top-p`) and generate exactly `new_tokens`
+per row: ours with no stop tokens, transformers with min_new_tokens. Each side also runs once
+with a single new token, which times the prefill, so the JSON splits prefill from decode. Our
 compile time (ahead of time, `lower().compile()`) is reported apart from the tokens/s of the
 best of `--repeats` runs. Writes JSON (default bench/out/rollout.json).
 """
@@ -57,58 +61,83 @@ def kv_cache_bytes(config, rows: int, length: int) -> int:
     return 2 * config.num_layers * rows * config.num_kv_heads * length * config.head_dim * itemsize
 
 
-def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int) -> dict:
-    params = SamplingParams(new_tokens, temperature=1.0, stop_ids=(), pad_id=pad_id)
+def split_prefill(result: dict, rows: int, new_tokens: int) -> dict:
+    """Adds the decode-only rate: the tokens after the first, over the time after the prefill."""
+    decode_s = result["steady_s"] - result["first_token_s"]
+    result["decode_tokens_per_s"] = rows * (new_tokens - 1) / decode_s if decode_s > 0 else float("nan")
+    return result
+
+
+def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int, group: int, top_k: int, top_p: float) -> dict:
     graphdef, state = split
+    rows = ids.shape[0] * group
+
+    def sample(count: int, seed: int):
+        params = SamplingParams(count, temperature=1.0, top_k=top_k, top_p=top_p, stop_ids=(), pad_id=pad_id)
+        return generate(split, ids, mask, jax.random.key(seed), params, group)
+
     with RssSampler() as rss:
         # Compile ahead of time so compile seconds are measured, not inferred from noisy run times;
         # the executable lands in jit's cache, so the runs below do not compile again.
+        params = SamplingParams(new_tokens, temperature=1.0, top_k=top_k, top_p=top_p, stop_ids=(), pad_id=pad_id)
         start = time.perf_counter()
-        _generate.lower(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), params=params, group_size=1).compile()
+        _generate.lower(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), params=params, group_size=group).compile()
         compile_s = time.perf_counter() - start
         runs = []
         for r in range(repeats):
-            out, seconds = timed(lambda: generate(split, ids, mask, jax.random.key(r), params))
+            out, seconds = timed(lambda: sample(new_tokens, r))
             runs.append(seconds)
+        sample(1, 0)  # compiles the one-token program
+        first_token_s = min(timed(lambda: sample(1, r))[1] for r in range(repeats))
     lengths = np.asarray(out.lengths)
     if not (lengths == new_tokens).all():  # the comparison is only fair at full length
         raise RuntimeError(f"our sampler stopped early: lengths {sorted(set(lengths.tolist()))}")
     best = min(runs)
-    return {
+    return split_prefill({
         "compile_s": compile_s,
         "steady_s": best,
         "runs_s": runs,
-        "tokens_per_s": ids.shape[0] * new_tokens / best,
+        "first_token_s": first_token_s,
+        "tokens_per_s": rows * new_tokens / best,
         "peak_rss_bytes": rss.peak,
-    }
+    }, rows, new_tokens)
 
 
-def run_transformers(hf_model, ids, mask, new_tokens: int, pad_id: int, repeats: int, threads: int) -> dict:
+def run_transformers(hf_model, ids, mask, new_tokens: int, pad_id: int, repeats: int, threads: int,
+                     group: int = 1, top_k: int = 0, top_p: float = 1.0, split_prefill_out: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-    # top_k=0 / top_p=1: transformers samples from top-50 by default; we sample the full softmax.
-    settings = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id)
+    # top_k=0 turns transformers' default top-50 off, as for us.
+    settings = dict(do_sample=True, temperature=1.0, top_k=top_k, top_p=top_p, pad_token_id=pad_id, num_return_sequences=group)
+
+    def sample(count: int, seed: int):
+        torch.manual_seed(seed)
+        return hf_model.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=count, min_new_tokens=count, **settings)
+
     times = []
     with RssSampler() as rss, torch.inference_mode():
-        hf_model.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=2, **settings)  # warm-up
+        sample(2, 0)  # warm-up
         for r in range(repeats):
-            torch.manual_seed(r)
-            out, seconds = timed(lambda: hf_model.generate(
-                input_ids=ids_t, attention_mask=mask_t, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings
-            ))
+            out, seconds = timed(lambda: sample(new_tokens, r))
             times.append(seconds)
-    if out.shape[1] - ids.shape[1] != new_tokens:
-        raise RuntimeError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
+        first_token_s = min(timed(lambda: sample(1, r))[1] for r in range(repeats)) if split_prefill_out else None
+    if out.shape[1] - ids.shape[1] != new_tokens or out.shape[0] != ids.shape[0] * group:
+        raise RuntimeError(f"transformers generated {tuple(out.shape)} for {ids.shape[0]} x {group} rows of {new_tokens} tokens")
     best = min(times)
-    return {
-        "steady_s": best, "runs_s": times, "tokens_per_s": ids.shape[0] * new_tokens / best,
+    rows = ids.shape[0] * group
+    result = {
+        "steady_s": best, "runs_s": times, "tokens_per_s": rows * new_tokens / best,
         "peak_rss_bytes": rss.peak, "torch_threads": threads,
     }
+    if first_token_s is None:
+        return result
+    result["first_token_s"] = first_token_s
+    return split_prefill(result, rows, new_tokens)
 
 
-def best_torch_threads(hf_model, ids, mask, pad_id: int) -> tuple[int, dict]:
+def best_torch_threads(hf_model, ids, mask, pad_id: int, group: int) -> tuple[int, dict]:
     """The torch thread count that generates fastest right now (1 or every core), from a short run.
 
     On shared cores torch's OpenMP workers spin at barriers: with other jobs running, 2 threads
@@ -118,7 +147,7 @@ def best_torch_threads(hf_model, ids, mask, pad_id: int) -> tuple[int, dict]:
 
     trial = {}
     for threads in sorted({1, os.cpu_count() or 1}):
-        trial[threads] = run_transformers(hf_model, ids, mask, 8, pad_id, 1, threads)["steady_s"]
+        trial[threads] = run_transformers(hf_model, ids, mask, 8, pad_id, 1, threads, group, split_prefill_out=False)["steady_s"]
     return min(trial, key=trial.get), trial
 
 
@@ -133,30 +162,35 @@ def bench_model(name: str, folder: Path, prompts_fn, batches, new_token_counts, 
     if not args.skip_transformers:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     all_prompts, pad_id = prompts_fn(max(batches))
+    group = args.group
     results = []
     for batch in batches:
-        ids, mask = pad_prompts(all_prompts[:batch], PROMPT_BUCKETS, pad_id)
+        ids, mask = pad_prompts(all_prompts[: batch // group], PROMPT_BUCKETS, pad_id)
         for new_tokens in new_token_counts:
             prompt_len = ids.shape[1]
             # Useful FLOPs: every matmul weight once per token, attention over the real context.
             mean_context = float(mask.sum(axis=1).mean()) + new_tokens / 2
             flops_per_token = 2.0 * matmul_params(config) + attention_flops_per_token(config, mean_context)
             row = {
-                "model": name, "params": count_params(model), "batch": batch, "prompt_len_padded": prompt_len,
+                "model": name, "params": count_params(model), "batch": batch, "prompts": batch // group, "group": group,
+                "prompt_len_padded": prompt_len,
                 "prompt_len_mean": float(mask.sum(axis=1).mean()), "new_tokens": new_tokens,
                 "kv_cache_bytes": kv_cache_bytes(config, batch, prompt_len + new_tokens),
                 "flops_per_token": flops_per_token,
             }
             print(f"[{name} b{batch} n{new_tokens}] ours ...", flush=True)
-            row["ours"] = run_ours(split, ids, mask, new_tokens, pad_id, args.repeats)
+            row["ours"] = run_ours(split, ids, mask, new_tokens, pad_id, args.repeats, group, args.top_k, args.top_p)
             print(f"  ours {row['ours']['tokens_per_s']:.1f} tok/s (compile {row['ours']['compile_s']:.1f} s)", flush=True)
             if hf_model is not None:
-                threads, trial = best_torch_threads(hf_model, ids, mask, pad_id)
-                row["transformers"] = run_transformers(hf_model, ids, mask, new_tokens, pad_id, args.hf_repeats, threads)
+                threads, trial = best_torch_threads(hf_model, ids, mask, pad_id, group)
+                row["transformers"] = run_transformers(hf_model, ids, mask, new_tokens, pad_id, args.hf_repeats, threads, group, args.top_k, args.top_p)
                 row["transformers"]["thread_trial_8_tokens_s"] = trial
                 hf = row["transformers"]
                 row["speedup_vs_transformers"] = row["ours"]["tokens_per_s"] / hf["tokens_per_s"]
-                print(f"  transformers {hf['tokens_per_s']:.1f} tok/s -> ours/transformers {row['speedup_vs_transformers']:.2f}x", flush=True)
+                row["decode_speedup_vs_transformers"] = row["ours"]["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+                print(f"  transformers {hf['tokens_per_s']:.1f} tok/s -> ours/transformers {row['speedup_vs_transformers']:.2f}x "
+                      f"(decode only {row['decode_speedup_vs_transformers']:.2f}x; prefill {row['ours']['first_token_s']:.1f} s "
+                      f"vs {hf['first_token_s']:.1f} s)", flush=True)
             results.append(row)
     return results
 
@@ -166,6 +200,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", default="smollm2,tiny", help="comma list of smollm2, tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--group", type=int, default=1, help="responses per prompt; --batch counts rows (prompts x group)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (after compiling ahead of time)")
     parser.add_argument("--hf-repeats", type=int, default=1, help="timed transformers runs after a warm-up")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -174,6 +211,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = args.hf_repeats = 1
+    for batch in args.batch:
+        if batch % args.group:
+            parser.error(f"--batch {batch} is not a multiple of --group {args.group} (batch counts rows: prompts x group)")
 
     plan = []  # (model, batches, new token counts)
     for name in args.models.split(","):
@@ -211,7 +251,7 @@ def main(argv=None) -> dict:
         "machine": machine_info(),
         "note": "shared machine: other engineers' jobs run on the same cores; compare ratios within this run",
         "matmul_peak_flops_float32": {"before": peak_before, "after": peak_after},
-        "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "stop": "none (full length)"},
+        "sampling": {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p, "group": args.group, "stop": "none (full length)"},
         "process_peak_rss_bytes": peak_rss_bytes(),
         "results": results,
     }

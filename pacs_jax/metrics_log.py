@@ -120,11 +120,13 @@ class MetricsLogger:
         wandb_project: str = "pacs_jax",
         config: dict | None = None,
         is_main_process: bool = True,
-        console: TextIO | None = sys.stdout,
+        console: TextIO | None | str = "stdout",
     ):
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.active = is_main_process
+        # "stdout": whatever sys.stdout is when a line is printed (a default of sys.stdout itself
+        # would pin the stream of import time, which test capture or a redirect may have closed).
         self.console = console
         self._step_seconds: deque[float] = deque(maxlen=10)
         self._last_log_time: float | None = None
@@ -203,7 +205,8 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=int(step))
         if self.console is not None:
-            print(self.status_line(int(step), values), file=self.console, flush=True)
+            console = sys.stdout if self.console == "stdout" else self.console
+            print(self.status_line(int(step), values), file=console, flush=True)
         return values
 
     def status_line(self, step: int, values: dict[str, float]) -> str:

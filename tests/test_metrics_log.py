@@ -161,3 +161,13 @@ def test_plot_runs_overlays_two_runs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["loss.png", "response_length.png", "reward.png"]
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_runs([tmp_path / "missing"], tmp_path / "plots")
+
+
+def test_default_console_is_the_stdout_of_print_time(tmp_path, monkeypatch):
+    # The default must not pin the sys.stdout of import time (a closed pytest capture, a redirect).
+    logger = MetricsLogger(tmp_path, total_steps=3, tensorboard=False)
+    later = io.StringIO()
+    monkeypatch.setattr("sys.stdout", later)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert later.getvalue().startswith("step 1/3")

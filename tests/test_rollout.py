@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
-from pacs_jax.rollout import SamplingParams, _generate, filter_logits, generate, pad_prompts, sample_token
+from pacs_jax.rollout import SamplingParams, _generate, generate, pad_prompts, sample_token, sampling_weights
 from pacs_jax.update import response_logprobs
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=256)
@@ -130,10 +130,38 @@ def test_sampling_distribution_chi_square(top_k, top_p):
     assert p_value > 1e-3, (stat, p_value)
 
 
-def test_filter_logits_keeps_top_token_even_when_p_is_tiny():
+def test_sampling_weights_keep_top_token_even_when_p_is_tiny():
     logits = jnp.asarray([[3.0, 1.0, 0.5, -1.0]])
-    kept = np.isfinite(np.asarray(filter_logits(logits, 0, 0.01))) & (np.asarray(filter_logits(logits, 0, 0.01)) > -1e30)
+    kept = np.asarray(sampling_weights(logits, 0, 0.01)) > 0
     assert kept.tolist() == [[True, False, False, False]]
+
+
+def nucleus_reference(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The kept set by sorting, in float64: top-k, then tokens whose mass before them < top_p."""
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    order = np.argsort(-probs)
+    keep = np.zeros(len(probs), bool)
+    keep[order[: top_k or len(probs)]] = True
+    probs = np.where(keep, probs, 0) / np.where(keep, probs, 0).sum()
+    sorted_probs = probs[order]
+    before = np.cumsum(sorted_probs) - sorted_probs
+    nucleus = np.zeros(len(probs), bool)
+    nucleus[order[(before < top_p) & (sorted_probs > 0)]] = True
+    return nucleus
+
+
+def test_sampling_weights_match_a_sorted_float64_nucleus_on_a_large_vocabulary():
+    rng = np.random.default_rng(7)
+    rows, vocab = 64, 5000
+    logits = rng.normal(0, 3, (rows, vocab)).astype(np.float32)
+    for top_k, top_p in [(40, 1.0), (0, 0.9), (0, 0.5), (300, 0.95), (1, 1.0), (vocab, 0.3)]:
+        weights = np.asarray(sampling_weights(jnp.asarray(logits), top_k, top_p))
+        for row in range(rows):
+            expected = nucleus_reference(logits[row], top_k, top_p)
+            np.testing.assert_array_equal(weights[row] > 0, expected, err_msg=f"top_k={top_k} top_p={top_p} row={row}")
+        # Kept tokens keep their unnormalised softmax weight exactly.
+        full = np.exp(logits - logits.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(weights[weights > 0], full[weights > 0], rtol=1e-6)
 
 
 def test_early_stop_runs_fewer_iterations():
