@@ -87,7 +87,7 @@ def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int, group
         for r in range(repeats):
             out, seconds = timed(lambda: sample(new_tokens, r))
             runs.append(seconds)
-        sample(1, 0)  # compiles the one-token program
+        jax.block_until_ready(sample(1, 0))  # compiles the one-token program (and waits: dispatch is async)
         first_token_s = min(timed(lambda: sample(1, r))[1] for r in range(repeats))
     lengths = np.asarray(out.lengths)
     if not (lengths == new_tokens).all():  # the comparison is only fair at full length
