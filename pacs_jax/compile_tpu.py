@@ -338,7 +338,8 @@ def compile_for_topology(
 
     eos = hf.get("eos_token_id", 0)
     stop_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
-    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_ids, pad_id=stop_ids[0])
+    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_ids, pad_id=stop_ids[0],
+                              decode_segments=r.decode_segments)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     rollout_arrays = {

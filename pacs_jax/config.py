@@ -69,6 +69,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    # Decode in this many segments, each attending only to the cache slots written by its end
+    # (1 = every step reads the whole cache; more segments = less attention traffic, longer compile).
+    decode_segments: int = 4
     # Prompt lengths are padded up to the smallest bucket that fits (no recompiles).
     prompt_buckets: list = field(default_factory=lambda: [64, 128, 256, 512])
 
@@ -317,6 +320,7 @@ def validate(config: Config) -> None:
     _require(r.temperature >= 0, f"rollout.temperature must be >= 0 (0 = greedy), got {r.temperature}")
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
     _require(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
+    _require(r.decode_segments >= 1, f"rollout.decode_segments must be >= 1 (1 = one decode loop), got {r.decode_segments}")
     _require(
         bool(r.prompt_buckets) and all(isinstance(b, int) and b > 0 for b in r.prompt_buckets),
         f"rollout.prompt_buckets must be a non-empty list of positive integers, got {r.prompt_buckets}",

@@ -30,6 +30,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    # The decode loop runs in this many segments; segment j attends only to the cache slots
+    # written by its end, not to the whole cache (1 = one loop over every slot).
+    decode_segments: int = 4
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -40,6 +43,13 @@ class SamplingParams:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.decode_segments < 1:
+            raise ValueError(f"rollout.decode_segments must be >= 1, got {self.decode_segments}")
+
+    def segment_ends(self) -> list[int]:
+        """Decode steps at which each segment ends (increasing, the last = max_new_tokens)."""
+        count = min(self.decode_segments, self.max_new_tokens)
+        return sorted({-(-self.max_new_tokens * (i + 1) // count) for i in range(count)})
 
 
 class Rollout(NamedTuple):
@@ -148,7 +158,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: Sampling
 
     # Prefill once per prompt, then give each of the G responses its own copy of the cache.
     cache = KVCache.zeros(model.config, batch, total)
-    hidden, cache = _forward_hidden(model, prompt_ids, cache_mask, cache, 0)
+    hidden, cache = model(prompt_ids, attention_mask=cache_mask, cache=cache, cache_index=0, return_hidden=True)
     logits = model.logits(hidden[:, -1:])[:, 0]
     repeat = partial(jnp.repeat, repeats=group_size, axis=0)
     cache = KVCache(jnp.repeat(cache.k, group_size, axis=1), jnp.repeat(cache.v, group_size, axis=1))
@@ -156,18 +166,19 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: Sampling
     rows = batch * group_size
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
 
-    def cond(carry):
+    def cond(carry, end):
         step, _, _, done, _, _ = carry
-        return (step < new) & ~jnp.all(done)
+        return (step < end) & ~jnp.all(done)
 
-    def body(carry):
+    def body(carry, visible):
         step, logits, cache, done, response, logprobs = carry
         token, logprob = sample_token(logits, jax.random.fold_in(key, step), params)
         token = jnp.where(done, params.pad_id, token).astype(jnp.int32)
         response = response.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         done = done | jnp.isin(token, stop_ids)
-        hidden, cache = _forward_hidden(model, token[:, None], cache_mask, cache, prompt_len + step)
+        hidden, cache = model(token[:, None], attention_mask=cache_mask, cache=cache, cache_index=prompt_len + step,
+                              return_hidden=True, visible_slots=visible)
         return step + 1, model.logits(hidden)[:, 0], cache, done, response, logprobs
 
     carry = (
@@ -178,7 +189,11 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: Sampling
         jnp.full((rows,), params.pad_id, jnp.int32).repeat(new).reshape(rows, new),
         jnp.zeros((rows, new), jnp.float32),
     )
-    steps, _, _, _, response, logprobs = jax.lax.while_loop(cond, body, carry)
+    # One while loop per segment, each attending to the slots written by its end (a step at
+    # slot prompt_len + s reads the slots before it); when every row is done, the rest exit at once.
+    for end in params.segment_ends():
+        carry = jax.lax.while_loop(partial(cond, end=end), partial(body, visible=prompt_len + end), carry)
+    steps, _, _, _, response, logprobs = carry
 
     is_stop = jnp.isin(response, stop_ids) & (jnp.arange(new)[None, :] < steps)
     # 1 up to and including the first stop token; rows that never stop keep every sampled token.
@@ -193,11 +208,6 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: Sampling
         lengths=response_mask.sum(axis=1),
         decode_steps=steps,
     )
-
-
-def _forward_hidden(model: Decoder, ids, cache_mask, cache, index):
-    """Runs the decoder over `ids` written at cache slot `index`; returns final hidden states."""
-    return model(ids, attention_mask=cache_mask, cache=cache, cache_index=index, return_hidden=True)
 
 
 def generate(

@@ -170,7 +170,8 @@ def train(config: Config) -> dict:
     if main and start_step < t.total_steps:
         for folder in {t.run_dir, checkpoint_dir}:  # a DONE from a shorter earlier run is stale
             (epath.Path(folder) / "DONE").unlink(missing_ok=True)
-    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id)
+    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id,
+                              decode_segments=r.decode_segments)
     # Old log-probs in chunks of one micro-batch: the same peak memory as a gradient step.
     prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature, chunks=t.mini_batches * t.micro_batches)
     update = make_update_fn(
@@ -378,7 +379,8 @@ def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key):
     """sample_fn(examples, n) -> per example n (text, length) pairs, with the eval sampling settings,
     in fixed-size batches (the last one padded with repeats) so every batch reuses one program."""
     e = config.eval
-    sampling = SamplingParams(e.max_new_tokens, e.temperature, e.top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id)
+    sampling = SamplingParams(e.max_new_tokens, e.temperature, e.top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id,
+                              decode_segments=config.rollout.decode_segments)
 
     def sample_fn(examples: list[Example], n_samples: int):
         results = []

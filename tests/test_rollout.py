@@ -207,6 +207,7 @@ def test_bfloat16_sampling_runs():
         (dict(max_new_tokens=4, top_p=0.0), "top_p must be in"),
         (dict(max_new_tokens=4, top_p=1.5), "top_p must be in"),
         (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+        (dict(max_new_tokens=4, decode_segments=0), "decode_segments must be >= 1"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
@@ -222,3 +223,20 @@ def test_bad_group_size_and_overlong_prompt():
         generate(model, ids, mask, jax.random.key(0), SamplingParams(2), group_size=0)
     with pytest.raises(ValueError, match="longer than the largest bucket 8"):
         pad_prompts([list(range(9))], [4, 8], 0)
+
+
+def test_segment_ends_cover_every_step_once():
+    assert SamplingParams(10, decode_segments=4).segment_ends() == [3, 5, 8, 10]
+    assert SamplingParams(3, decode_segments=8).segment_ends() == [1, 2, 3]
+    assert SamplingParams(7, decode_segments=1).segment_ends() == [7]
+
+
+def test_decode_segments_change_nothing_but_the_slots_read():
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
+    model = init_decoder(config, seed=3)
+    ids, mask = pad_prompts([[4, 5, 6, 7, 8], [9, 10]], [8], 0)
+    outs = [generate(model, ids, mask, jax.random.key(0), SamplingParams(13, temperature=0.0, decode_segments=n), group_size=2)
+            for n in (1, 3, 13)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(np.asarray(out.response_ids), np.asarray(outs[0].response_ids))
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(outs[0].logprobs), atol=1e-5)

@@ -150,5 +150,7 @@ def test_config_errors_name_the_key():
         load_config(None, ["model.arch={hidden_size: 8}", "algorithm.name=rloo", "rollout.group_size=1"])
     with pytest.raises(ConfigError, match="optimizer.lr: expected a number"):
         load_config(None, ["model.arch={hidden_size: 8}", "optimizer.lr=fast"])
+    with pytest.raises(ConfigError, match="rollout.decode_segments must be >= 1"):
+        load_config(None, ["model.arch={hidden_size: 8}", "rollout.decode_segments=0"])
     with pytest.raises(ConfigError, match="trainer.micro_batches=3 must divide"):
         load_config(None, ["model.arch={hidden_size: 8}", "trainer.prompts_per_step=8", "trainer.mini_batches=2", "trainer.micro_batches=3"])
