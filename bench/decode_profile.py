@@ -82,10 +82,12 @@ def decode_loop(graphdef, config, cache_mask, token, start_index: int, steps: in
 
         def body(carry):
             i, _, cache = carry
+            # The token depends on the step, so XLA cannot hoist a cache-free step out of the loop.
+            step_token = (token + i) % config.vocab_size
             if use_cache:
-                hidden, cache = model(token, attention_mask=cache_mask, cache=cache, cache_index=start_index + i, return_hidden=True)
+                hidden, cache = model(step_token, attention_mask=cache_mask, cache=cache, cache_index=start_index + i, return_hidden=True)
             else:
-                hidden = model(token, return_hidden=True)
+                hidden = model(step_token, return_hidden=True)
             return i + 1, hidden, cache
 
         hidden0 = jnp.zeros((token.shape[0], 1, config.hidden_size), jnp.float32)
