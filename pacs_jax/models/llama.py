@@ -410,7 +410,7 @@ class Decoder(nnx.Module):
         x = self.embed[...].astype(compute)[input_ids]
         # Without a cache (training / log-prob passes) and in the prefill, keep rows on the data axes
         # between layers: 2x faster updates on a (1, 4, 2) mesh, and a Qwen2.5-7B rollout of 1024
-        # prompts on v5p-64 needs 79 GiB per chip instead of 106 (`python -m pacs_jax compile`).
+        # prompts on v5p-64 needs 80 GiB per chip instead of 106 (`python -m pacs_jax compile`).
         # Single-token decode is left to XLA, which keeps FSDP weights in place and reduces its few
         # activations instead (constraining it was 2-4x slower). A no-op unless under jax.set_mesh.
         rows_constrained = cache is None or length > 1
