@@ -72,16 +72,17 @@ def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int, group
     graphdef, state = split
     rows = ids.shape[0] * group
 
+    def params(count: int) -> SamplingParams:
+        return SamplingParams(count, temperature=1.0, top_k=top_k, top_p=top_p, stop_ids=(), pad_id=pad_id)
+
     def sample(count: int, seed: int):
-        params = SamplingParams(count, temperature=1.0, top_k=top_k, top_p=top_p, stop_ids=(), pad_id=pad_id)
-        return generate(split, ids, mask, jax.random.key(seed), params, group)
+        return generate(split, ids, mask, jax.random.key(seed), params(count), group)
 
     with RssSampler() as rss:
         # Compile ahead of time so compile seconds are measured, not inferred from noisy run times;
         # the executable lands in jit's cache, so the runs below do not compile again.
-        params = SamplingParams(new_tokens, temperature=1.0, top_k=top_k, top_p=top_p, stop_ids=(), pad_id=pad_id)
         start = time.perf_counter()
-        _generate.lower(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), params=params, group_size=group).compile()
+        _generate.lower(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), params=params(new_tokens), group_size=group).compile()
         compile_s = time.perf_counter() - start
         runs = []
         for r in range(repeats):
@@ -104,7 +105,7 @@ def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int, group
 
 
 def run_transformers(hf_model, ids, mask, new_tokens: int, pad_id: int, repeats: int, threads: int,
-                     group: int = 1, top_k: int = 0, top_p: float = 1.0, split_prefill_out: bool = True) -> dict:
+                     group: int = 1, top_k: int = 0, top_p: float = 1.0, time_prefill: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -122,7 +123,7 @@ def run_transformers(hf_model, ids, mask, new_tokens: int, pad_id: int, repeats:
         for r in range(repeats):
             out, seconds = timed(lambda: sample(new_tokens, r))
             times.append(seconds)
-        first_token_s = min(timed(lambda: sample(1, r))[1] for r in range(repeats)) if split_prefill_out else None
+        first_token_s = min(timed(lambda: sample(1, r))[1] for r in range(repeats)) if time_prefill else None
     if out.shape[1] - ids.shape[1] != new_tokens or out.shape[0] != ids.shape[0] * group:
         raise RuntimeError(f"transformers generated {tuple(out.shape)} for {ids.shape[0]} x {group} rows of {new_tokens} tokens")
     best = min(times)
@@ -147,7 +148,7 @@ def best_torch_threads(hf_model, ids, mask, pad_id: int, group: int) -> tuple[in
 
     trial = {}
     for threads in sorted({1, os.cpu_count() or 1}):
-        trial[threads] = run_transformers(hf_model, ids, mask, 8, pad_id, 1, threads, group, split_prefill_out=False)["steady_s"]
+        trial[threads] = run_transformers(hf_model, ids, mask, 8, pad_id, 1, threads, group, time_prefill=False)["steady_s"]
     return min(trial, key=trial.get), trial
 
 

@@ -49,7 +49,8 @@ class SamplingParams:
     def segment_ends(self) -> list[int]:
         """Decode steps at which each segment ends (increasing, the last = max_new_tokens)."""
         count = min(self.decode_segments, self.max_new_tokens)
-        return sorted({-(-self.max_new_tokens * (i + 1) // count) for i in range(count)})
+        # Ceil of an even split: strictly increasing since count <= max_new_tokens.
+        return [-(-self.max_new_tokens * (i + 1) // count) for i in range(count)]
 
 
 class Rollout(NamedTuple):

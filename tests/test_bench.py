@@ -41,7 +41,7 @@ def test_decode_profile_tiny_against_the_committed_decoder(tmp_path):
     has_git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode == 0
     payload = decode_profile.main(["--model", "tiny", "--batch", "4", "--cache-len", "24", "--prompt-len", "16", "--steps", "2",
                                    "--repeats", "1", "--baseline-rev", "HEAD" if has_git else "", "--out", str(tmp_path / "d.json")])
-    if has_git:  # the committed decoder computes the same hidden states as the working tree's
+    if has_git:  # the bench copied the same weights into the baseline module (correctness vs transformers: test_models)
         assert payload["baseline_max_abs_hidden_diff"] < 1e-4
     names = set(payload["per_step_ms"])
     assert {"decoder_with_cache (what generate runs)", "sample_token top_p 0.95", "sort-based filter top_p 0.95 (baseline)"} <= names

@@ -234,13 +234,13 @@ def attention(q, k, v, mask, scale):
     return out.reshape(batch, length, heads, dim)
 
 
-def cached_attention(q, cache_k, cache_v, k, v, cache_mask, new_mask, scale):
+def cached_attention(q, cache_k, cache_v, k, v, cache_mask, own_mask, scale):
     """Attention of this call's queries over the cache as it was before the call plus this call's
     own keys/values, without writing them into the cache first (the caller writes every layer's
     new keys once, after the layer scan: writing inside the scan made XLA copy the whole cache).
     q: [B,T,H,D]; cache_k: [B,KV,D,S] (keys stored transposed: one query's scores are then a plain
     matrix product over the slots, 1.6-2.4x faster than [B,KV,S,D] on CPU); cache_v: [B,KV,S,D];
-    k, v: [B,KV,T,D]; cache_mask: [B,S] (old slots a query may see); new_mask: [B,T,T] (causal,
+    k, v: [B,KV,T,D]; cache_mask: [B,S] (old slots a query may see); own_mask: [B,T,T] (causal,
     over real tokens among the new ones)."""
     batch, length, heads, dim = q.shape
     kv_heads = cache_k.shape[1]
@@ -256,7 +256,7 @@ def cached_attention(q, cache_k, cache_v, k, v, cache_mask, new_mask, scale):
         own = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1, keepdims=True) * scale
     else:
         own = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * scale
-    own = jnp.where(jnp.repeat(new_mask, group, axis=1)[:, None], own, neg)
+    own = jnp.where(jnp.repeat(own_mask, group, axis=1)[:, None], own, neg)
     # One softmax over [old slots, own keys] without concatenating them (a copy of the scores),
     # normalised after the value products (a pass over [B, KV, Q, D] instead of [B, KV, Q, S]).
     top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), jnp.max(own, axis=-1, keepdims=True))
@@ -397,15 +397,12 @@ class Decoder(nnx.Module):
 
         causal = jnp.tril(jnp.ones((length, length), bool))
         scale = 1.0 / math.sqrt(config.head_dim)
-        if cache is None:
-            mask = causal[None] & attention_mask[:, None, :]
-        else:
-            # Old slots: real tokens written before this call. New tokens: causal among the real ones.
-            cache_mask = attention_mask & (jnp.arange(cache.slots) < cache_index)[None]
-            visible = cache.slots if visible_slots is None else visible_slots
-            cache_mask = cache_mask[:, :visible]
-            new_real = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, length, axis=1)
-            new_mask = causal[None] & new_real[:, None, :]
+        # This call's tokens attend causally to the real ones among themselves.
+        new_real = attention_mask if cache is None else jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, length, axis=1)
+        own_mask = causal[None] & new_real[:, None, :]
+        # A prefill into an empty cache (index 0, known when tracing) attends to its own tokens only:
+        # also scoring every empty slot made the SmolLM2 prefill 1.06x slower on CPU.
+        fills_empty_cache = cache is not None and isinstance(cache_index, int) and cache_index == 0
 
         x = self.embed[...].astype(compute)[input_ids]
         # Without a cache (training / log-prob passes) and in the prefill, keep rows on the data axes
@@ -419,11 +416,7 @@ class Decoder(nnx.Module):
         inv_freq = rope_inverse_frequencies(config)
         layer_params = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(config)}
 
-        # A prefill into an empty cache (index 0, known when tracing) attends to its own tokens only:
-        # also scoring every empty slot made the SmolLM2 prefill 1.06x slower on CPU.
-        fills_empty_cache = cache is not None and isinstance(cache_index, int) and cache_index == 0
         if cache is None or fills_empty_cache:
-            own_mask = mask if cache is None else new_mask
 
             def body(x, params):
                 x, k, v = decoder_layer(config, params, x, positions, inv_freq, lambda q, k, v: attention(q, k, v, own_mask, scale))
@@ -431,12 +424,16 @@ class Decoder(nnx.Module):
 
             xs = layer_params
         else:
+            # Old slots: real tokens written before this call, among the first `visible` slots.
+            visible = cache.slots if visible_slots is None else visible_slots
+            cache_mask = (attention_mask & (jnp.arange(cache.slots) < cache_index)[None])[:, :visible]
+
             # The cache is read-only inside the scan (as xs); each layer returns its new keys/values
             # and all layers' are written with one in-place update after the scan.
             def body(x, layer_inputs):
                 params, cache_k, cache_v = layer_inputs
                 cache_k, cache_v = cache_k[..., :visible], cache_v[:, :, :visible]
-                attend = lambda q, k, v: cached_attention(q, cache_k, cache_v, k, v, cache_mask, new_mask, scale)
+                attend = lambda q, k, v: cached_attention(q, cache_k, cache_v, k, v, cache_mask, own_mask, scale)
                 x, k, v = decoder_layer(config, params, x, positions, inv_freq, attend)
                 return constrain_rows(x), (k, v)
 
