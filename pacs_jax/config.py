@@ -72,6 +72,9 @@ class RolloutConfig:
     # Decode in this many segments, each attending only to the cache slots written by its end
     # (1 = every step reads the whole cache; more segments = less attention traffic, longer compile).
     decode_segments: int = 4
+    # How decode runs the layers: "scan" over the stacked weights, "unrolled" over per-layer copies
+    # (faster on XLA CPU; doubles the weights' memory while sampling), "auto" = unrolled on CPU only.
+    decode_layers: Literal["auto", "scan", "unrolled"] = "auto"
     # Prompt lengths are padded up to the smallest bucket that fits (no recompiles).
     prompt_buckets: list = field(default_factory=lambda: [64, 128, 256, 512])
 

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pacs_jax.models.llama import Decoder, KVCache
+from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache
+
+DECODE_LAYERS = ("auto", "scan", "unrolled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,11 @@ class SamplingParams:
     # The decode loop runs in this many segments; segment j attends only to the cache slots
     # written by its end, not to the whole cache (1 = one loop over every slot).
     decode_segments: int = 4
+    # How a decode step runs the layers: "scan" (over the stacked weights, as training does) or
+    # "unrolled" (over per-layer copies of the weights and a per-layer cache: faster on XLA CPU,
+    # which copies each layer out of the stacks per step; on TPU it would double the weights'
+    # memory). "auto" = unrolled on CPU, scan elsewhere.
+    decode_layers: str = "auto"
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -45,6 +52,12 @@ class SamplingParams:
             raise ValueError(f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.decode_segments < 1:
             raise ValueError(f"rollout.decode_segments must be >= 1, got {self.decode_segments}")
+        if self.decode_layers not in DECODE_LAYERS:
+            raise ValueError(f"rollout.decode_layers must be one of {list(DECODE_LAYERS)}, got {self.decode_layers!r}")
+
+    def unrolls_layers(self, platform: str) -> bool:
+        """Whether decode runs the layers unrolled on `platform` ("cpu", "tpu", "gpu")."""
+        return self.decode_layers == "unrolled" or (self.decode_layers == "auto" and platform == "cpu")
 
     def segment_ends(self) -> list[int]:
         """Decode steps at which each segment ends (increasing, the last = max_new_tokens)."""
@@ -149,52 +162,75 @@ def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> t
     return token, logprob
 
 
+class DecodeState(NamedTuple):
+    step: jax.Array  # decode steps taken
+    logits: jax.Array  # [N, V] for the next token
+    cache: KVCache | LayerKVCache
+    done: jax.Array  # [N] bool: the row has emitted a stop token
+    response: jax.Array  # [N, T]
+    logprobs: jax.Array  # [N, T]
+
+
 @partial(jax.jit, static_argnames=("graphdef", "params", "group_size"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: SamplingParams, group_size: int) -> Rollout:
     model: Decoder = nnx.merge(graphdef, state)
+    unrolled = params.unrolls_layers(jax.default_backend())
     batch, prompt_len = prompt_ids.shape
     new = params.max_new_tokens
     total = prompt_len + new
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new), prompt_mask.dtype)], axis=1)
 
-    # Prefill once per prompt, then give each of the G responses its own copy of the cache.
-    cache = KVCache.zeros(model.config, batch, total)
-    hidden, cache = model(prompt_ids, attention_mask=cache_mask, cache=cache, cache_index=0, return_hidden=True)
+    # Prefill once per prompt, then give each of the G responses its own copy of the cache. The
+    # unrolled decode's cache holds only the prompt here and grows segment by segment.
+    cache = KVCache.zeros(model.config, batch, prompt_len if unrolled else total)
+    hidden, cache = model(prompt_ids, attention_mask=cache_mask[:, :cache.slots], cache=cache, cache_index=0, return_hidden=True)
     logits = model.logits(hidden[:, -1:])[:, 0]
     repeat = partial(jnp.repeat, repeats=group_size, axis=0)
-    cache = KVCache(jnp.repeat(cache.k, group_size, axis=1), jnp.repeat(cache.v, group_size, axis=1))
+    if unrolled:
+        layers = model.unstacked_layers()
+        cache = LayerKVCache.from_stacked(cache, group_size)
+    else:
+        cache = KVCache(jnp.repeat(cache.k, group_size, axis=1), jnp.repeat(cache.v, group_size, axis=1))
     logits, cache_mask = repeat(logits), repeat(cache_mask)
     rows = batch * group_size
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
 
-    def cond(carry, end):
-        step, _, _, done, _, _ = carry
-        return (step < end) & ~jnp.all(done)
+    def cond(loop: DecodeState, end):
+        return (loop.step < end) & ~jnp.all(loop.done)
 
-    def body(carry, visible):
-        step, logits, cache, done, response, logprobs = carry
-        token, logprob = sample_token(logits, jax.random.fold_in(key, step), params)
+    def body(loop: DecodeState, visible) -> DecodeState:
+        step, done = loop.step, loop.done
+        token, logprob = sample_token(loop.logits, jax.random.fold_in(key, step), params)
         token = jnp.where(done, params.pad_id, token).astype(jnp.int32)
-        response = response.at[:, step].set(token)
-        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+        response = loop.response.at[:, step].set(token)
+        logprobs = loop.logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         done = done | jnp.isin(token, stop_ids)
-        hidden, cache = model(token[:, None], attention_mask=cache_mask, cache=cache, cache_index=prompt_len + step,
-                              return_hidden=True, visible_slots=visible)
-        return step + 1, model.logits(hidden)[:, 0], cache, done, response, logprobs
+        if unrolled:
+            hidden, cache = model.decode_unrolled(token[:, None], layers, loop.cache, cache_mask[:, :visible],
+                                                  prompt_len + step, return_hidden=True)
+        else:
+            hidden, cache = model(token[:, None], attention_mask=cache_mask, cache=loop.cache, cache_index=prompt_len + step,
+                                  return_hidden=True, visible_slots=visible)
+        return DecodeState(step + 1, model.logits(hidden)[:, 0], cache, done, response, logprobs)
 
-    carry = (
-        jnp.int32(0),
-        logits,
-        cache,
-        jnp.zeros((rows,), bool),
-        jnp.full((rows,), params.pad_id, jnp.int32).repeat(new).reshape(rows, new),
-        jnp.zeros((rows, new), jnp.float32),
+    decode = DecodeState(
+        step=jnp.int32(0),
+        logits=logits,
+        cache=cache,
+        done=jnp.zeros((rows,), bool),
+        response=jnp.full((rows, new), params.pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, new), jnp.float32),
     )
     # One while loop per segment, each attending to the slots written by its end (a step at
     # slot prompt_len + s reads the slots before it); when every row is done, the rest exit at once.
+    # The scan reads the first `visible` slots of its full cache; the unrolled decode's per-layer
+    # caches grow to `visible` slots instead (a slice of them would be a copy per step).
     for end in params.segment_ends():
-        carry = jax.lax.while_loop(partial(cond, end=end), partial(body, visible=prompt_len + end), carry)
-    steps, _, _, _, response, logprobs = carry
+        visible = prompt_len + end
+        if unrolled:
+            decode = decode._replace(cache=decode.cache.grow(visible))
+        decode = jax.lax.while_loop(partial(cond, end=end), partial(body, visible=visible), decode)
+    steps, response, logprobs = decode.step, decode.response, decode.logprobs
 
     is_stop = jnp.isin(response, stop_ids) & (jnp.arange(new)[None, :] < steps)
     # 1 up to and including the first stop token; rows that never stop keep every sampled token.

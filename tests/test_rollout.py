@@ -10,6 +10,8 @@ from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
 from pacs_jax.rollout import SamplingParams, _generate, generate, pad_prompts, sample_token, sampling_weights
 from pacs_jax.update import response_logprobs
 
+# Both ways a decode step can run the layers (pacs_jax.rollout.SamplingParams.decode_layers).
+LAYER_LOOPS = ["scan", "unrolled"]
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=256)
 
 
@@ -48,8 +50,9 @@ def hf_greedy(model, prompts, max_new_tokens, eos_id, pad_id=0):
     return out[:, width:].numpy()
 
 
+@pytest.mark.parametrize("layers", LAYER_LOOPS)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_greedy_matches_transformers_generate(kind, tmp_path):
+def test_greedy_matches_transformers_generate(kind, layers, tmp_path):
     hf_model = hf_tiny(tmp_path, kind)
     model = from_pretrained(tmp_path)
     rng = np.random.default_rng(0)
@@ -59,7 +62,7 @@ def test_greedy_matches_transformers_generate(kind, tmp_path):
     eos_id = int(free_run[1, 4])
     expected = hf_greedy(hf_model, prompts, 12, eos_id=eos_id)
     ids, mask = pad_prompts(prompts, [16, 32], pad_id=0)
-    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(eos_id,)))
+    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(eos_id,), decode_layers=layers))
     response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
     for row in range(len(prompts)):
         want = list(expected[row])
@@ -70,11 +73,12 @@ def test_greedy_matches_transformers_generate(kind, tmp_path):
         assert int(out.lengths[row]) == len(want)
 
 
-def test_logprobs_equal_training_forward():
+@pytest.mark.parametrize("layers", LAYER_LOOPS)
+def test_logprobs_equal_training_forward(layers):
     config = DecoderConfig.from_hf({**TINY, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
     model = init_decoder(config, seed=0)
     ids, mask = pad_prompts([[5, 6, 7], [8, 9, 10, 11, 12, 13]], [8], pad_id=0)
-    params = SamplingParams(16, temperature=0.7, top_k=20, top_p=0.9, stop_ids=(3, 4, 5))
+    params = SamplingParams(16, temperature=0.7, top_k=20, top_p=0.9, stop_ids=(3, 4, 5), decode_layers=layers)
     out = generate(model, ids, mask, jax.random.key(7), params, group_size=3)
     assert out.response_ids.shape == (6, 16)
     recomputed = response_logprobs(model, out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, temperature=0.7)
@@ -164,15 +168,16 @@ def test_sampling_weights_match_a_sorted_float64_nucleus_on_a_large_vocabulary()
         np.testing.assert_allclose(weights[weights > 0], full[weights > 0], rtol=1e-6)
 
 
-def test_early_stop_runs_fewer_iterations():
+@pytest.mark.parametrize("layers", LAYER_LOOPS)
+def test_early_stop_runs_fewer_iterations(layers):
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config, seed=2)
     ids, mask = pad_prompts([[4, 5, 6], [7, 8]], [8], 0)
-    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0))
+    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0, decode_layers=layers))
     assert int(free.decode_steps) == 20
     # Stop on the tokens greedy decoding emits at step 3: every row is done after 4 iterations.
     stops = tuple(int(t) for t in np.asarray(free.response_ids)[:, 3])
-    early = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0, stop_ids=stops))
+    early = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0, stop_ids=stops, decode_layers=layers))
     assert int(early.decode_steps) <= 4
     assert np.asarray(early.lengths).max() <= 4
 
@@ -192,11 +197,12 @@ def test_no_recompile_within_a_bucket():
     assert _generate._cache_size() - before == 2
 
 
-def test_bfloat16_sampling_runs():
+@pytest.mark.parametrize("layers", LAYER_LOOPS)
+def test_bfloat16_sampling_runs(layers):
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4}, param_dtype="bfloat16", compute_dtype="bfloat16")
     model = init_decoder(config)
     ids, mask = pad_prompts([[4, 5, 6]], [8], 0)
-    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=1.0), group_size=2)
+    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=1.0, decode_layers=layers), group_size=2)
     assert out.response_ids.shape == (2, 6) and np.isfinite(np.asarray(out.logprobs)).all()
 
 
@@ -208,6 +214,7 @@ def test_bfloat16_sampling_runs():
         (dict(max_new_tokens=4, top_p=1.5), "top_p must be in"),
         (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
         (dict(max_new_tokens=4, decode_segments=0), "decode_segments must be >= 1"),
+        (dict(max_new_tokens=4, decode_layers="unroll"), "decode_layers must be one of"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
@@ -231,12 +238,23 @@ def test_segment_ends_cover_every_step_once():
     assert SamplingParams(7, decode_segments=1).segment_ends() == [7]
 
 
-def test_decode_segments_change_nothing_but_the_slots_read():
+def test_decode_layers_auto_unrolls_on_cpu_only():
+    auto = SamplingParams(4)
+    assert auto.unrolls_layers("cpu") and not auto.unrolls_layers("tpu") and not auto.unrolls_layers("gpu")
+    assert SamplingParams(4, decode_layers="unrolled").unrolls_layers("tpu")
+    assert not SamplingParams(4, decode_layers="scan").unrolls_layers("cpu")
+
+
+def test_decode_segments_and_layer_loops_change_nothing_but_the_work_done():
+    """Every way of running decode (1, 3 or 13 segments; scanned or unrolled layers) samples the
+    same greedy tokens with the same log-probs."""
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config, seed=3)
     ids, mask = pad_prompts([[4, 5, 6, 7, 8], [9, 10]], [8], 0)
-    outs = [generate(model, ids, mask, jax.random.key(0), SamplingParams(13, temperature=0.0, decode_segments=n), group_size=2)
-            for n in (1, 3, 13)]
+    outs = [
+        generate(model, ids, mask, jax.random.key(0), SamplingParams(13, temperature=0.0, decode_segments=n, decode_layers=layers), group_size=2)
+        for n in (1, 3, 13) for layers in LAYER_LOOPS
+    ]
     for out in outs[1:]:
         np.testing.assert_array_equal(np.asarray(out.response_ids), np.asarray(outs[0].response_ids))
         np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(outs[0].logprobs), atol=1e-5)

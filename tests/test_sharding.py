@@ -131,6 +131,22 @@ def test_rollout_and_update_match_one_device(single_device, shape):
         assert q_proj.addressable_shards[0].data.size == q_proj.size // (fsdp * tensor)
 
 
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_sharded_rollout_matches_one_device_with_either_layer_loop(single_device, layers):
+    """The test above samples with the default decode (unrolled on CPU); the scanned one, which
+    TPU runs, must give the same tokens on a mesh too."""
+    mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    prompts, _ = make_inputs()
+    graphdefs, state = init_train_state(init_decoder(CONFIG, seed=0), OPTIMIZER, with_critic=False)
+    state, prompts = sharding.shard_train_state(state, mesh), sharding.shard_batch(prompts, mesh)
+    with jax.set_mesh(mesh):
+        rollout = generate(
+            (graphdefs["policy"], state.params["policy"]), prompts["prompt_ids"], prompts["prompt_mask"],
+            jax.random.key(0), SamplingParams(5, temperature=0.0, decode_layers=layers), group_size=ROLLOUT_GROUP,
+        )
+    np.testing.assert_array_equal(np.asarray(rollout.response_ids), single_device[0])
+
+
 # ----------------------------------------------------------------- rules and placement
 
 

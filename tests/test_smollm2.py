@@ -81,7 +81,8 @@ def test_batched_left_padded_logits_match_transformers(model, hf_model, chat_pro
         assert np.ptp(expected) > 10.0
 
 
-def test_greedy_chat_continuation_matches_transformers_generate(model, hf_model, tokenizer, chat_prompts):
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_greedy_chat_continuation_matches_transformers_generate(model, hf_model, tokenizer, chat_prompts, layers):
     stop_id = tokenizer.encode(STOP_TOKEN)
     assert stop_id == [hf_model.generation_config.eos_token_id]  # the folder says <|im_end|> stops
     stop_id = stop_id[0]
@@ -100,7 +101,7 @@ def test_greedy_chat_continuation_matches_transformers_generate(model, hf_model,
         )[:, width:].numpy()
 
     ids, mask = pad_prompts(chat_prompts, [64, 128], pad_id=pad_id)
-    params = SamplingParams(NEW_TOKENS, temperature=0.0, stop_ids=(stop_id,), pad_id=pad_id)
+    params = SamplingParams(NEW_TOKENS, temperature=0.0, stop_ids=(stop_id,), pad_id=pad_id, decode_layers=layers)
     out = generate(model, ids, mask, jax.random.key(0), params)
     response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
 
