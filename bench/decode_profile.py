@@ -8,9 +8,9 @@ and a sort-based top-k / top-p filter.
 
 Layer-stack timings run `--steps` decode steps inside one jitted `lax.while_loop` with the KV
 cache as the loop carry (as pacs_jax.rollout does), so in-place updates and copies behave as
-they do there. Pieces: the decoder with its KV cache (what `generate` runs), the same layers
-without a cache (the matmul floor), the baseline revision's decoder (checked to produce the same
-hidden states), the LM head, and `sample_token` at the settings that matter (temperature 1 over
+they do there. Pieces: the decoder with its KV cache, its layers scanned (what `generate` runs
+on TPU / GPU) and unrolled (on CPU), the same layers without a cache (the matmul floor), the
+baseline revision's decoder (checked to produce the same hidden states), the LM head, and `sample_token` at the settings that matter (temperature 1 over
 the full vocabulary, top-k 50, top-p 0.95, greedy) with the sort-based filter as the baseline.
 Timings alternate between variants, best of `--repeats`. Writes JSON (default
 bench/out/decode_profile.json).
@@ -33,6 +33,7 @@ from flax import nnx
 
 from bench.common import OUT_DIR, machine_info, make_tiny_hf_folder, matmul_peak_flops, write_json
 from pacs_jax.models import KVCache, from_pretrained
+from pacs_jax.models.llama import LayerKVCache
 from pacs_jax.rollout import SamplingParams, inverse_cdf_sample, sample_token
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,19 +74,26 @@ def best_times(fns: dict, repeats: int) -> dict[str, float]:
     return {name: min(t) for name, t in times.items()}
 
 
-def decode_loop(graphdef, config, cache_mask, token, start_index: int, steps: int, use_cache: bool = True):
-    """`steps` decode steps in a while_loop from a prefilled cache; returns the final hidden states."""
+def decode_loop(graphdef, config, cache_mask, token, start_index: int, steps: int, layers: str = "scan"):
+    """`steps` decode steps in a while_loop from a prefilled cache; returns the final hidden states.
+    layers: "scan" (stacked weights and cache), "unrolled" (per-layer weights and cache, split
+    before the loop, as pacs_jax.rollout does on CPU), or "none" (the scan without a cache)."""
 
     @jax.jit
     def run(state, cache):
         model = nnx.merge(graphdef, state)
+        if layers == "unrolled":
+            per_layer = model.unstacked_layers()
+            cache = LayerKVCache.from_stacked(cache)
 
         def body(carry):
             i, _, cache = carry
             # The token depends on the step, so XLA cannot hoist a cache-free step out of the loop.
             step_token = (token + i) % config.vocab_size
-            if use_cache:
+            if layers == "scan":
                 hidden, cache = model(step_token, attention_mask=cache_mask, cache=cache, cache_index=start_index + i, return_hidden=True)
+            elif layers == "unrolled":
+                hidden, cache = model.decode_unrolled(step_token, per_layer, cache, cache_mask, start_index + i, return_hidden=True)
             else:
                 hidden = model(step_token, return_hidden=True)
             return i + 1, hidden, cache
@@ -133,11 +141,15 @@ def main(argv=None) -> dict:
 
     cache = prefilled_cache(graphdef, state, KVCache, config, prompt, cache_mask)
     ours = decode_loop(graphdef, config, cache_mask, token, args.prompt_len, steps)
-    floor = decode_loop(graphdef, config, cache_mask, token, args.prompt_len, steps, use_cache=False)
+    unrolled = decode_loop(graphdef, config, cache_mask, token, args.prompt_len, steps, layers="unrolled")
+    floor = decode_loop(graphdef, config, cache_mask, token, args.prompt_len, steps, layers="none")
     layer_fns = {
-        "decoder_with_cache (what generate runs)": lambda: ours(state, cache),
+        "decoder_with_cache, scanned layers (generate on TPU/GPU)": lambda: ours(state, cache),
+        "decoder_with_cache, unrolled layers (generate on CPU)": lambda: unrolled(state, cache),
         "decoder_without_cache (matmul floor)": lambda: floor(state, cache),
     }
+    unrolled_error = float(jnp.max(jnp.abs(unrolled(state, cache) - ours(state, cache))))
+    print(f"unrolled vs scanned hidden states after {steps} steps: max |diff| {unrolled_error:.2e}")
     baseline_error = None
     if args.baseline_rev:
         # The same weights in the baseline revision's module (its cache layout may differ).
@@ -175,6 +187,7 @@ def main(argv=None) -> dict:
         "model": args.model, "batch": batch, "cache_len": args.cache_len, "prompt_len": args.prompt_len, "steps": steps,
         "baseline_rev": args.baseline_rev or None,
         "baseline_max_abs_hidden_diff": baseline_error,
+        "unrolled_vs_scanned_max_abs_hidden_diff": unrolled_error,
         "kv_cache_bytes": int(cache.k.nbytes + cache.v.nbytes),
         "matmul_peak_flops_float32": matmul_peak_flops("float32"),
         "per_step_ms": per_step_ms,

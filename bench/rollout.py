@@ -68,12 +68,13 @@ def split_prefill(result: dict, rows: int, new_tokens: int) -> dict:
     return result
 
 
-def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int, group: int, top_k: int, top_p: float) -> dict:
+def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int, group: int, top_k: int, top_p: float,
+             decode_layers: str = "auto") -> dict:
     graphdef, state = split
     rows = ids.shape[0] * group
 
     def params(count: int) -> SamplingParams:
-        return SamplingParams(count, temperature=1.0, top_k=top_k, top_p=top_p, stop_ids=(), pad_id=pad_id)
+        return SamplingParams(count, temperature=1.0, top_k=top_k, top_p=top_p, stop_ids=(), pad_id=pad_id, decode_layers=decode_layers)
 
     def sample(count: int, seed: int):
         return generate(split, ids, mask, jax.random.key(seed), params(count), group)
@@ -95,6 +96,7 @@ def run_ours(split, ids, mask, new_tokens: int, pad_id: int, repeats: int, group
         raise RuntimeError(f"our sampler stopped early: lengths {sorted(set(lengths.tolist()))}")
     best = min(runs)
     return split_prefill({
+        "decode_layers": decode_layers,
         "compile_s": compile_s,
         "steady_s": best,
         "runs_s": runs,
@@ -179,9 +181,13 @@ def bench_model(name: str, folder: Path, prompts_fn, batches, new_token_counts, 
                 "kv_cache_bytes": kv_cache_bytes(config, batch, prompt_len + new_tokens),
                 "flops_per_token": flops_per_token,
             }
-            print(f"[{name} b{batch} n{new_tokens}] ours ...", flush=True)
-            row["ours"] = run_ours(split, ids, mask, new_tokens, pad_id, args.repeats, group, args.top_k, args.top_p)
-            print(f"  ours {row['ours']['tokens_per_s']:.1f} tok/s (compile {row['ours']['compile_s']:.1f} s)", flush=True)
+            for index, layers in enumerate(args.decode_layers):
+                side = "ours" if index == 0 else f"ours_{layers}"
+                print(f"[{name} b{batch} n{new_tokens}] {side} (decode_layers={layers}) ...", flush=True)
+                row[side] = run_ours(split, ids, mask, new_tokens, pad_id, args.repeats, group, args.top_k, args.top_p, layers)
+                print(f"  {side} {row[side]['tokens_per_s']:.1f} tok/s (compile {row[side]['compile_s']:.1f} s)", flush=True)
+                if index:
+                    row[f"speedup_vs_{side}"] = row["ours"]["tokens_per_s"] / row[side]["tokens_per_s"]
             if hf_model is not None:
                 threads, trial = best_torch_threads(hf_model, ids, mask, pad_id, group)
                 row["transformers"] = run_transformers(hf_model, ids, mask, new_tokens, pad_id, args.hf_repeats, threads, group, args.top_k, args.top_p)
@@ -206,6 +212,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (after compiling ahead of time)")
     parser.add_argument("--hf-repeats", type=int, default=1, help="timed transformers runs after a warm-up")
+    parser.add_argument("--decode-layers", nargs="+", default=["auto"], choices=["auto", "scan", "unrolled"],
+                        help="ours with each setting, in this order (the first is 'ours'; the rest are timed as baselines)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 at b32 x 64 tokens; tiny at b32, b64 x 128; one run each")
     parser.add_argument("--out", default=str(OUT_DIR / "rollout.json"))
@@ -244,15 +252,16 @@ def main(argv=None) -> dict:
     # The higher of the two peaks: the machine is shared, so the lower one understates what it can do.
     peak = max(peak_before, peak_after)
     for row in results:
-        for side in ("ours", "transformers"):
-            if side in row:
+        for side in [key for key in row if key.startswith("ours") or key == "transformers"]:
+            if isinstance(row[side], dict):
                 row[side]["fraction_of_matmul_peak"] = row[side]["tokens_per_s"] * row["flops_per_token"] / peak
     payload = {
         "bench": "rollout",
         "machine": machine_info(),
         "note": "shared machine: other engineers' jobs run on the same cores; compare ratios within this run",
         "matmul_peak_flops_float32": {"before": peak_before, "after": peak_after},
-        "sampling": {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p, "group": args.group, "stop": "none (full length)"},
+        "sampling": {"temperature": 1.0, "top_k": args.top_k, "top_p": args.top_p, "group": args.group, "stop": "none (full length)",
+                     "decode_layers": args.decode_layers},
         "process_peak_rss_bytes": peak_rss_bytes(),
         "results": results,
     }

@@ -75,6 +75,9 @@ class RolloutConfig:
     # How decode runs the layers: "scan" over the stacked weights, "unrolled" over per-layer copies
     # (faster on XLA CPU; doubles the weights' memory while sampling), "auto" = unrolled on CPU only.
     decode_layers: Literal["auto", "scan", "unrolled"] = "auto"
+    # Prefill in chunks of this many prompt tokens, skipping leading chunks that are padding in
+    # every row (0 = one pass over the bucket; used too when a bucket is not a multiple of it).
+    prefill_chunk: int = 64
     # Prompt lengths are padded up to the smallest bucket that fits (no recompiles).
     prompt_buckets: list = field(default_factory=lambda: [64, 128, 256, 512])
 
@@ -324,6 +327,7 @@ def validate(config: Config) -> None:
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
     _require(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
     _require(r.decode_segments >= 1, f"rollout.decode_segments must be >= 1 (1 = one decode loop), got {r.decode_segments}")
+    _require(r.prefill_chunk >= 0, f"rollout.prefill_chunk must be >= 0 (0 = one pass over the prompt), got {r.prefill_chunk}")
     _require(
         bool(r.prompt_buckets) and all(isinstance(b, int) and b > 0 for b in r.prompt_buckets),
         f"rollout.prompt_buckets must be a non-empty list of positive integers, got {r.prompt_buckets}",

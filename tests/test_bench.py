@@ -17,11 +17,13 @@ def test_rollout_bench_tiny_groups_and_prefill_split(tmp_path):
 
     out = tmp_path / "rollout.json"
     payload = rollout.main(["--models", "tiny", "--batch", "8", "--group", "4", "--new-tokens", "6", "--repeats", "1",
-                            "--top-p", "0.9", "--out", str(out)])
+                            "--top-p", "0.9", "--decode-layers", "unrolled", "scan", "--out", str(out)])
     row = payload["results"][0]
     assert (row["batch"], row["prompts"], row["group"]) == (8, 2, 4)
     assert payload["sampling"]["top_p"] == 0.9
-    for side in ("ours", "transformers"):
+    assert (row["ours"]["decode_layers"], row["ours_scan"]["decode_layers"]) == ("unrolled", "scan")
+    assert row["speedup_vs_ours_scan"] == pytest.approx(row["ours"]["tokens_per_s"] / row["ours_scan"]["tokens_per_s"])
+    for side in ("ours", "ours_scan", "transformers"):
         assert row[side]["tokens_per_s"] == pytest.approx(8 * 6 / row[side]["steady_s"])
         assert 0 < row[side]["first_token_s"]
     assert json.loads(out.read_text())["results"][0]["speedup_vs_transformers"] == pytest.approx(row["speedup_vs_transformers"])
@@ -43,6 +45,8 @@ def test_decode_profile_tiny_against_the_committed_decoder(tmp_path):
                                    "--repeats", "1", "--baseline-rev", "HEAD" if has_git else "", "--out", str(tmp_path / "d.json")])
     if has_git:  # the bench copied the same weights into the baseline module (correctness vs transformers: test_models)
         assert payload["baseline_max_abs_hidden_diff"] < 1e-4
+    assert payload["unrolled_vs_scanned_max_abs_hidden_diff"] < 1e-4
     names = set(payload["per_step_ms"])
-    assert {"decoder_with_cache (what generate runs)", "sample_token top_p 0.95", "sort-based filter top_p 0.95 (baseline)"} <= names
+    assert {"decoder_with_cache, scanned layers (generate on TPU/GPU)", "decoder_with_cache, unrolled layers (generate on CPU)",
+            "sample_token top_p 0.95", "sort-based filter top_p 0.95 (baseline)"} <= names
     assert all(ms > 0 for ms in payload["per_step_ms"].values())

@@ -53,6 +53,8 @@ def hf_greedy(model, prompts, max_new_tokens, eos_id, pad_id=0):
 @pytest.mark.parametrize("layers", LAYER_LOOPS)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_greedy_matches_transformers_generate(kind, layers, tmp_path):
+    """Prompts of 1-12 tokens in a 16 bucket, prefilled in chunks of 4 (the first is padding in
+    every row and skipped)."""
     hf_model = hf_tiny(tmp_path, kind)
     model = from_pretrained(tmp_path)
     rng = np.random.default_rng(0)
@@ -62,7 +64,7 @@ def test_greedy_matches_transformers_generate(kind, layers, tmp_path):
     eos_id = int(free_run[1, 4])
     expected = hf_greedy(hf_model, prompts, 12, eos_id=eos_id)
     ids, mask = pad_prompts(prompts, [16, 32], pad_id=0)
-    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(eos_id,), decode_layers=layers))
+    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(eos_id,), decode_layers=layers, prefill_chunk=4))
     response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
     for row in range(len(prompts)):
         want = list(expected[row])
@@ -78,7 +80,7 @@ def test_logprobs_equal_training_forward(layers):
     config = DecoderConfig.from_hf({**TINY, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
     model = init_decoder(config, seed=0)
     ids, mask = pad_prompts([[5, 6, 7], [8, 9, 10, 11, 12, 13]], [8], pad_id=0)
-    params = SamplingParams(16, temperature=0.7, top_k=20, top_p=0.9, stop_ids=(3, 4, 5), decode_layers=layers)
+    params = SamplingParams(16, temperature=0.7, top_k=20, top_p=0.9, stop_ids=(3, 4, 5), decode_layers=layers, prefill_chunk=2)
     out = generate(model, ids, mask, jax.random.key(7), params, group_size=3)
     assert out.response_ids.shape == (6, 16)
     recomputed = response_logprobs(model, out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, temperature=0.7)
@@ -215,6 +217,7 @@ def test_bfloat16_sampling_runs(layers):
         (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
         (dict(max_new_tokens=4, decode_segments=0), "decode_segments must be >= 1"),
         (dict(max_new_tokens=4, decode_layers="unroll"), "decode_layers must be one of"),
+        (dict(max_new_tokens=4, prefill_chunk=-1), "prefill_chunk must be >= 0"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
@@ -245,16 +248,17 @@ def test_decode_layers_auto_unrolls_on_cpu_only():
     assert not SamplingParams(4, decode_layers="scan").unrolls_layers("cpu")
 
 
-def test_decode_segments_and_layer_loops_change_nothing_but_the_work_done():
-    """Every way of running decode (1, 3 or 13 segments; scanned or unrolled layers) samples the
-    same greedy tokens with the same log-probs."""
+def test_decode_segments_layer_loops_and_prefill_chunks_change_nothing_but_the_work_done():
+    """Every way of running the sampler (1, 3 or 13 decode segments; scanned or unrolled layers;
+    a prefill in one pass or in chunks of 4, where the longest prompt leaves the first chunk all
+    padding) samples the same greedy tokens with the same log-probs."""
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config, seed=3)
-    ids, mask = pad_prompts([[4, 5, 6, 7, 8], [9, 10]], [8], 0)
-    outs = [
-        generate(model, ids, mask, jax.random.key(0), SamplingParams(13, temperature=0.0, decode_segments=n, decode_layers=layers), group_size=2)
-        for n in (1, 3, 13) for layers in LAYER_LOOPS
-    ]
-    for out in outs[1:]:
-        np.testing.assert_array_equal(np.asarray(out.response_ids), np.asarray(outs[0].response_ids))
-        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(outs[0].logprobs), atol=1e-5)
+    ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13]], [12], 0)
+    # Each value of each setting appears (with both loops: chunked and not, several segments).
+    variants = [dict(decode_segments=n, decode_layers=layers, prefill_chunk=chunk)
+                for n, layers, chunk in [(1, "scan", 0), (3, "scan", 4), (13, "scan", 0), (1, "unrolled", 4), (3, "unrolled", 0), (13, "unrolled", 4)]]
+    outs = [generate(model, ids, mask, jax.random.key(0), SamplingParams(13, temperature=0.0, **v), group_size=2) for v in variants]
+    for variant, out in zip(variants[1:], outs[1:]):
+        np.testing.assert_array_equal(np.asarray(out.response_ids), np.asarray(outs[0].response_ids), err_msg=str(variant))
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(outs[0].logprobs), atol=1e-5, err_msg=str(variant))

@@ -152,5 +152,9 @@ def test_config_errors_name_the_key():
         load_config(None, ["model.arch={hidden_size: 8}", "optimizer.lr=fast"])
     with pytest.raises(ConfigError, match="rollout.decode_segments must be >= 1"):
         load_config(None, ["model.arch={hidden_size: 8}", "rollout.decode_segments=0"])
+    with pytest.raises(ConfigError, match="rollout.prefill_chunk must be >= 0"):
+        load_config(None, ["model.arch={hidden_size: 8}", "rollout.prefill_chunk=-8"])
+    with pytest.raises(ConfigError, match="rollout.decode_layers: 'unroll' is not one of"):
+        load_config(None, ["model.arch={hidden_size: 8}", "rollout.decode_layers=unroll"])
     with pytest.raises(ConfigError, match="trainer.micro_batches=3 must divide"):
         load_config(None, ["model.arch={hidden_size: 8}", "trainer.prompts_per_step=8", "trainer.mini_batches=2", "trainer.micro_batches=3"])

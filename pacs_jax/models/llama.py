@@ -191,13 +191,18 @@ class LayerKVCache(NamedTuple):
     v: tuple[jax.Array, ...]
 
     @classmethod
-    def from_stacked(cls, cache: KVCache, repeats: int = 1) -> "LayerKVCache":
-        """Split a stacked cache by layer, each row repeated `repeats` times (one copy in all)."""
+    def zeros(cls, config: DecoderConfig, batch: int, slots: int) -> "LayerKVCache":
+        stacked = KVCache.zeros(dataclasses.replace(config, num_layers=1), batch, slots)
+        return cls((stacked.k[0],) * config.num_layers, (stacked.v[0],) * config.num_layers)
+
+    @classmethod
+    def from_stacked(cls, cache: KVCache) -> "LayerKVCache":
         layers = range(cache.k.shape[0])
-        return cls(
-            tuple(jnp.repeat(cache.k[i], repeats, axis=0) for i in layers),
-            tuple(jnp.repeat(cache.v[i], repeats, axis=0) for i in layers),
-        )
+        return cls(tuple(cache.k[i] for i in layers), tuple(cache.v[i] for i in layers))
+
+    def repeat(self, times: int) -> "LayerKVCache":
+        """Each row repeated `times` times (row i becomes rows i*times ... i*times + times - 1)."""
+        return LayerKVCache(tuple(jnp.repeat(k, times, axis=0) for k in self.k), tuple(jnp.repeat(v, times, axis=0) for v in self.v))
 
     def grow(self, slots: int) -> "LayerKVCache":
         """The same cache with empty slots appended up to `slots`."""
@@ -538,11 +543,11 @@ class Decoder(nnx.Module):
         scale = 1.0 / math.sqrt(config.head_dim)
         inv_freq = rope_inverse_frequencies(config)
 
-        def write_then_attend(cache_k, cache_v):
+        def write_then_attend(old_k, old_v):
             def attend(q, k, v):
-                cache_k_ = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 1, 3, 2).astype(cache_k.dtype), (0, 0, 0, cache_index))
-                cache_v_ = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
-                return attention_over_cache(q, cache_k_, cache_v_, mask, scale), (cache_k_, cache_v_)
+                cache_k = jax.lax.dynamic_update_slice(old_k, k.transpose(0, 1, 3, 2).astype(old_k.dtype), (0, 0, 0, cache_index))
+                cache_v = jax.lax.dynamic_update_slice(old_v, v.astype(old_v.dtype), (0, 0, cache_index, 0))
+                return attention_over_cache(q, cache_k, cache_v, mask, scale), (cache_k, cache_v)
 
             return attend
 
