@@ -83,6 +83,11 @@ class Rollout(NamedTuple):
     lengths: jax.Array  # [N]
     decode_steps: jax.Array  # scalar: loop iterations actually run
 
+    def by_prompt(self, group_size: int) -> "Rollout":
+        """The same arrays with rows split per prompt: response_ids [B, G, T], lengths [B, G], ...
+        (the trainer keeps the flat rows, which its batches and sharding use)."""
+        return Rollout(*(x.reshape(-1, group_size, *x.shape[1:]) if x.ndim else x for x in self))
+
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     fitting = [b for b in sorted(buckets) if b >= length]

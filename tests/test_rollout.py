@@ -88,6 +88,10 @@ def test_logprobs_equal_training_forward(layers):
     assert np.all(np.asarray(out.logprobs)[np.asarray(out.response_mask) == 0] == 0)
     # Every row of a group sampled with its own randomness.
     assert len({tuple(r) for r in np.asarray(out.response_ids)[:3]}) > 1
+    grouped = out.by_prompt(3)
+    assert grouped.response_ids.shape == (2, 3, 16) and grouped.lengths.shape == (2, 3) and grouped.prompt_ids.shape == (2, 3, 8)
+    np.testing.assert_array_equal(np.asarray(grouped.response_ids)[1, 2], np.asarray(out.response_ids)[5])
+    np.testing.assert_array_equal(np.asarray(grouped.prompt_ids)[1, 0], ids[1])
 
 
 def test_response_mask_ends_at_first_stop_token():
