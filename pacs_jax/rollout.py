@@ -173,35 +173,62 @@ def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> t
     return token, logprob
 
 
-def prefill(model: Decoder, layers, prompt_ids, cache_mask, cache, chunk: int):
+def prefill(model: Decoder, layers, prompt_ids, cache_mask, cache, chunk: int, rows_per_group: int = 8):
     """Runs the left-padded prompts [B, P] into an empty `cache` (a LayerKVCache of P slots when
     `layers` holds the unstacked weights, else a KVCache). Returns (final hidden state of the last
     prompt token [B, D], cache). cache_mask [B, >= P]: which slots hold real tokens.
 
     In chunks of `chunk` tokens, starting at the first chunk that holds a real token of any row:
     the chunks before it are padding in every row (GSM8K chat prompts for SmolLM2 average 115
-    tokens in the 256 bucket)."""
+    tokens in the 256 bucket). With per-layer caches (the unrolled decode: CPU), rows are also
+    sorted by length and prefilled in groups of `rows_per_group`, each from its own first chunk
+    (32 distinct GSM8K prompts: 9.1 -> 7.3 s). Not with the stacked cache: on TPU the rows are
+    sharded over chips and regrouping them would move their caches between chips."""
     prompt_len = prompt_ids.shape[1]
+    prompt_mask = cache_mask[:, :prompt_len]
 
-    def run(ids, index, cache):
+    def run(ids, mask, index, cache):
         if layers is not None:
-            return model.decode_unrolled(ids, layers, cache, cache_mask[:, :prompt_len], index, return_hidden=True)
+            return model.decode_unrolled(ids, layers, cache, mask, index, return_hidden=True)
         return model(ids, attention_mask=cache_mask, cache=cache, cache_index=index, return_hidden=True, visible_slots=prompt_len)
 
     if chunk == 0 or prompt_len <= chunk or prompt_len % chunk:
-        hidden, cache = run(prompt_ids, 0, cache)
-        return hidden[:, -1], cache
-    # Prompts are left-padded and never empty: a row's first real slot is the argmax of its mask.
-    first_chunk = jnp.min(jnp.argmax(cache_mask[:, :prompt_len], axis=1)) // chunk
-
-    def one_chunk(index, carry):
-        _, cache = carry
-        ids = jax.lax.dynamic_slice_in_dim(prompt_ids, index * chunk, chunk, axis=1)
-        hidden, cache = run(ids, index * chunk, cache)
+        hidden, cache = run(prompt_ids, prompt_mask, 0, cache)
         return hidden[:, -1], cache
 
-    last_hidden = jnp.zeros((prompt_ids.shape[0], model.config.hidden_size), resolve_dtype(model.config.compute_dtype))
-    return jax.lax.fori_loop(first_chunk, prompt_len // chunk, one_chunk, (last_hidden, cache))
+    def chunks_from_first_real(ids, mask, cache):
+        # Prompts are left-padded and never empty: a row's first real slot is the argmax of its mask.
+        first_chunk = jnp.min(jnp.argmax(mask, axis=1)) // chunk
+
+        def one_chunk(index, carry):
+            _, cache = carry
+            chunk_ids = jax.lax.dynamic_slice_in_dim(ids, index * chunk, chunk, axis=1)
+            hidden, cache = run(chunk_ids, mask, index * chunk, cache)
+            return hidden[:, -1], cache
+
+        last_hidden = jnp.zeros((ids.shape[0], model.config.hidden_size), resolve_dtype(model.config.compute_dtype))
+        return jax.lax.fori_loop(first_chunk, prompt_len // chunk, one_chunk, (last_hidden, cache))
+
+    rows = prompt_ids.shape[0]
+    if layers is None or rows < 2 * rows_per_group or rows % rows_per_group:
+        return chunks_from_first_real(prompt_ids, prompt_mask, cache)
+    order = jnp.argsort(jnp.argmax(prompt_mask, axis=1))  # longest prompts first
+    hiddens, caches = [], []
+    for start in range(0, rows, rows_per_group):
+        picked = order[start:start + rows_per_group]
+        empty = LayerKVCache.zeros(model.config, rows_per_group, prompt_len)
+        hidden, group_cache = chunks_from_first_real(prompt_ids[picked], prompt_mask[picked], empty)
+        hiddens.append(hidden)
+        caches.append(group_cache)
+    restore = jnp.argsort(order)  # back to the caller's row order
+
+    def rejoin(parts):
+        return jnp.concatenate(parts)[restore]
+
+    layer_ids = range(model.config.num_layers)
+    keys = tuple(rejoin([c.k[i] for c in caches]) for i in layer_ids)
+    values = tuple(rejoin([c.v[i] for c in caches]) for i in layer_ids)
+    return rejoin(hiddens), LayerKVCache(keys, values)
 
 
 class DecodeState(NamedTuple):

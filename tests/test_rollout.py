@@ -266,3 +266,18 @@ def test_decode_segments_layer_loops_and_prefill_chunks_change_nothing_but_the_w
     for variant, out in zip(variants[1:], outs[1:]):
         np.testing.assert_array_equal(np.asarray(out.response_ids), np.asarray(outs[0].response_ids), err_msg=str(variant))
         np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(outs[0].logprobs), atol=1e-5, err_msg=str(variant))
+
+
+def test_prefill_in_length_sorted_row_groups_matches_one_pass():
+    """16 prompts of 1-16 tokens: the unrolled sampler prefills them sorted by length in two
+    groups of 8, each from its own first chunk of 4, and must sample what a one-pass prefill
+    with the scanned layers samples, row for row."""
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
+    model = init_decoder(config, seed=4)
+    rng = np.random.default_rng(3)
+    lengths = rng.permutation(np.arange(1, 17))
+    ids, mask = pad_prompts([list(rng.integers(3, 97, n)) for n in lengths], [16], 0)
+    grouped = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=0.0, decode_layers="unrolled", prefill_chunk=4))
+    one_pass = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=0.0, decode_layers="scan", prefill_chunk=0))
+    np.testing.assert_array_equal(np.asarray(grouped.response_ids), np.asarray(one_pass.response_ids))
+    np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(one_pass.logprobs), atol=1e-5)
