@@ -1,7 +1,8 @@
 """The sampler: groups of responses from left-padded prompts, with a KV cache, in one jitted program.
 
-Prefill runs once per prompt (not once per response: the cache is then repeated G times), decode
-is a `lax.while_loop` that stops as soon as every row has emitted a stop token. Shapes are static
+Prefill runs once per prompt (not once per response: the cache is then repeated G times), in
+chunks that skip the bucket's leading padding; decode is a `lax.while_loop` that stops as soon as
+every row has emitted a stop token (layers scanned, or unrolled on CPU: `decode_layers`). Shapes are static
 (prompts are padded to length buckets), so a new batch of the same bucket never recompiles.
 
 The log-probs returned are those of the sampling distribution with temperature applied and before

@@ -7,6 +7,8 @@ names (`logical_axes` metadata) that `pacs_jax.sharding` maps to mesh axes.
 
 The same forward pass serves training (full sequences, no cache) and sampling (a KV cache written
 at one scalar position per call; prompts are left-padded so every row writes at the same index).
+`Decoder.decode_unrolled` is the sampler's CPU variant of the cached pass: the layers unrolled
+over per-layer weights and caches, because XLA CPU copies each scanned layer out of the stacks.
 """
 
 from __future__ import annotations
