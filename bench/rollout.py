@@ -33,7 +33,7 @@ from bench.common import (
     matmul_params, matmul_peak_flops, peak_rss_bytes, timed, write_json,
 )
 from pacs_jax.models import from_pretrained
-from pacs_jax.rollout import SamplingParams, _generate, generate, pad_prompts
+from pacs_jax.rollout import DECODE_LAYERS, SamplingParams, _generate, generate, pad_prompts
 
 GSM8K = Path(__file__).resolve().parents[1] / "tests" / "data" / "gsm8k_test_50.jsonl"
 INSTRUCTION = " Please reason step by step, and put your final answer within \\boxed{}."
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (after compiling ahead of time)")
     parser.add_argument("--hf-repeats", type=int, default=1, help="timed transformers runs after a warm-up")
-    parser.add_argument("--decode-layers", nargs="+", default=["auto"], choices=["auto", "scan", "unrolled"],
+    parser.add_argument("--decode-layers", nargs="+", default=["auto"], choices=DECODE_LAYERS,
                         help="ours with each setting, in this order (the first is 'ours'; the rest are timed as baselines)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 at b32 x 64 tokens; tiny at b32, b64 x 128; one run each")

@@ -338,10 +338,11 @@ def compile_for_topology(
 
     eos = hf.get("eos_token_id", 0)
     stop_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    engine = r.engine_options()
     # "auto" resolves by the platform that runs the program: TPU here, whatever this host is.
-    decode_layers = "scan" if r.decode_layers == "auto" else r.decode_layers
-    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_ids, pad_id=stop_ids[0],
-                              decode_segments=r.decode_segments, decode_layers=decode_layers, prefill_chunk=r.prefill_chunk)
+    if engine["decode_layers"] == "auto":
+        engine["decode_layers"] = "scan"
+    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_ids, pad_id=stop_ids[0], **engine)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     rollout_arrays = {

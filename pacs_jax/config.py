@@ -81,6 +81,10 @@ class RolloutConfig:
     # Prompt lengths are padded up to the smallest bucket that fits (no recompiles).
     prompt_buckets: list = field(default_factory=lambda: [64, 128, 256, 512])
 
+    def engine_options(self) -> dict:
+        """The SamplingParams settings that change how the sampler runs, not what it samples."""
+        return dict(decode_segments=self.decode_segments, decode_layers=self.decode_layers, prefill_chunk=self.prefill_chunk)
+
 
 @dataclass
 class RewardConfig:

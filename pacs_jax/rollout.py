@@ -174,10 +174,11 @@ def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> t
     return token, logprob
 
 
-def prefill(model: Decoder, layers, prompt_ids, cache_mask, cache, chunk: int, rows_per_group: int = 8):
-    """Runs the left-padded prompts [B, P] into an empty `cache` (a LayerKVCache of P slots when
-    `layers` holds the unstacked weights, else a KVCache). Returns (final hidden state of the last
-    prompt token [B, D], cache). cache_mask [B, >= P]: which slots hold real tokens.
+def prefill(model: Decoder, layers, prompt_ids, cache_mask, chunk: int, rows_per_group: int = 8):
+    """Runs the left-padded prompts [B, P] into a new cache: a LayerKVCache of P slots when
+    `layers` holds the unstacked weights, else a KVCache of every slot of cache_mask [B, S >= P]
+    (which slots hold real tokens). Returns (final hidden state of the last prompt token [B, D],
+    cache).
 
     In chunks of `chunk` tokens, starting at the first chunk that holds a real token of any row:
     the chunks before it are padding in every row (GSM8K chat prompts for SmolLM2 average 115
@@ -185,8 +186,13 @@ def prefill(model: Decoder, layers, prompt_ids, cache_mask, cache, chunk: int, r
     sorted by length and prefilled in groups of `rows_per_group`, each from its own first chunk
     (32 distinct GSM8K prompts: 9.1 -> 7.3 s). Not with the stacked cache: on TPU the rows are
     sharded over chips and regrouping them would move their caches between chips."""
-    prompt_len = prompt_ids.shape[1]
+    rows, prompt_len = prompt_ids.shape
     prompt_mask = cache_mask[:, :prompt_len]
+
+    def empty_cache(rows):
+        if layers is not None:
+            return LayerKVCache.zeros(model.config, rows, prompt_len)
+        return KVCache.zeros(model.config, rows, cache_mask.shape[1])
 
     def run(ids, mask, index, cache):
         if layers is not None:
@@ -194,10 +200,10 @@ def prefill(model: Decoder, layers, prompt_ids, cache_mask, cache, chunk: int, r
         return model(ids, attention_mask=cache_mask, cache=cache, cache_index=index, return_hidden=True, visible_slots=prompt_len)
 
     if chunk == 0 or prompt_len <= chunk or prompt_len % chunk:
-        hidden, cache = run(prompt_ids, prompt_mask, 0, cache)
+        hidden, cache = run(prompt_ids, prompt_mask, 0, empty_cache(rows))
         return hidden[:, -1], cache
 
-    def chunks_from_first_real(ids, mask, cache):
+    def chunks_from_first_real(ids, mask):
         # Prompts are left-padded and never empty: a row's first real slot is the argmax of its mask.
         first_chunk = jnp.min(jnp.argmax(mask, axis=1)) // chunk
 
@@ -208,17 +214,15 @@ def prefill(model: Decoder, layers, prompt_ids, cache_mask, cache, chunk: int, r
             return hidden[:, -1], cache
 
         last_hidden = jnp.zeros((ids.shape[0], model.config.hidden_size), resolve_dtype(model.config.compute_dtype))
-        return jax.lax.fori_loop(first_chunk, prompt_len // chunk, one_chunk, (last_hidden, cache))
+        return jax.lax.fori_loop(first_chunk, prompt_len // chunk, one_chunk, (last_hidden, empty_cache(ids.shape[0])))
 
-    rows = prompt_ids.shape[0]
     if layers is None or rows < 2 * rows_per_group or rows % rows_per_group:
-        return chunks_from_first_real(prompt_ids, prompt_mask, cache)
+        return chunks_from_first_real(prompt_ids, prompt_mask)
     order = jnp.argsort(jnp.argmax(prompt_mask, axis=1))  # longest prompts first
     hiddens, caches = [], []
     for start in range(0, rows, rows_per_group):
         picked = order[start:start + rows_per_group]
-        empty = LayerKVCache.zeros(model.config, rows_per_group, prompt_len)
-        hidden, group_cache = chunks_from_first_real(prompt_ids[picked], prompt_mask[picked], empty)
+        hidden, group_cache = chunks_from_first_real(prompt_ids[picked], prompt_mask[picked])
         hiddens.append(hidden)
         caches.append(group_cache)
     restore = jnp.argsort(order)  # back to the caller's row order
@@ -247,17 +251,12 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: Sampling
     unrolled = params.unrolls_layers(jax.default_backend())
     batch, prompt_len = prompt_ids.shape
     new = params.max_new_tokens
-    total = prompt_len + new
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new), prompt_mask.dtype)], axis=1)
 
     # Prefill once per prompt, then give each of the G responses its own copy of the cache. The
     # unrolled decode's cache holds only the prompt here and grows segment by segment.
-    if unrolled:
-        layers = model.unstacked_layers()
-        cache = LayerKVCache.zeros(model.config, batch, prompt_len)
-    else:
-        layers, cache = None, KVCache.zeros(model.config, batch, total)
-    hidden, cache = prefill(model, layers, prompt_ids, cache_mask, cache, params.prefill_chunk)
+    layers = model.unstacked_layers() if unrolled else None
+    hidden, cache = prefill(model, layers, prompt_ids, cache_mask, params.prefill_chunk)
     logits = model.logits(hidden[:, None])[:, 0]
     repeat = partial(jnp.repeat, repeats=group_size, axis=0)
     if unrolled:

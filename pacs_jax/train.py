@@ -171,7 +171,7 @@ def train(config: Config) -> dict:
         for folder in {t.run_dir, checkpoint_dir}:  # a DONE from a shorter earlier run is stale
             (epath.Path(folder) / "DONE").unlink(missing_ok=True)
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id,
-                              decode_segments=r.decode_segments, decode_layers=r.decode_layers, prefill_chunk=r.prefill_chunk)
+                              **r.engine_options())
     # Old log-probs in chunks of one micro-batch: the same peak memory as a gradient step.
     prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature, chunks=t.mini_batches * t.micro_batches)
     update = make_update_fn(
@@ -380,8 +380,7 @@ def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key):
     in fixed-size batches (the last one padded with repeats) so every batch reuses one program."""
     e = config.eval
     sampling = SamplingParams(e.max_new_tokens, e.temperature, e.top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id,
-                              decode_segments=config.rollout.decode_segments, decode_layers=config.rollout.decode_layers,
-                              prefill_chunk=config.rollout.prefill_chunk)
+                              **config.rollout.engine_options())
 
     def sample_fn(examples: list[Example], n_samples: int):
         results = []

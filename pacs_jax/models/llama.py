@@ -271,6 +271,20 @@ def attention(q, k, v, mask, scale):
     return out.reshape(batch, length, heads, dim)
 
 
+def queries_as_rows(q: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, H, D] -> [B, KV, T * G, D]: each KV head's queries as the rows (t, g) of one
+    batched matmul (for T = 1 a plain matrix-vector product over the cache)."""
+    batch, length, heads, dim = q.shape
+    return q.reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, dim)
+
+
+def rows_as_queries(out: jax.Array, length: int) -> jax.Array:
+    """The inverse of `queries_as_rows`: [B, KV, T * G, D] -> [B, T, H, D]."""
+    batch, kv_heads, rows, dim = out.shape
+    group = rows // length
+    return out.reshape(batch, kv_heads, length, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, length, kv_heads * group, dim)
+
+
 def cached_attention(q, cache_k, cache_v, k, v, cache_mask, own_mask, scale):
     """Attention of this call's queries over the cache as it was before the call plus this call's
     own keys/values, without writing them into the cache first (the caller writes every layer's
@@ -279,11 +293,9 @@ def cached_attention(q, cache_k, cache_v, k, v, cache_mask, own_mask, scale):
     matrix product over the slots, 1.6-2.4x faster than [B,KV,S,D] on CPU); cache_v: [B,KV,S,D];
     k, v: [B,KV,T,D]; cache_mask: [B,S] (old slots a query may see); own_mask: [B,T,T] (causal,
     over real tokens among the new ones)."""
-    batch, length, heads, dim = q.shape
-    kv_heads = cache_k.shape[1]
-    group = heads // kv_heads
-    # Queries as rows (t, g) of one [B, KV] batched matmul: for T = 1 a plain matrix-vector product.
-    q = q.reshape(batch, length, kv_heads, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, length * group, dim)
+    length = q.shape[1]
+    group = q.shape[2] // cache_k.shape[1]
+    q = queries_as_rows(q, cache_k.shape[1])
     neg = jnp.finfo(jnp.float32).min
     old = jnp.einsum("bkqd,bkds->bkqs", q, cache_k, preferred_element_type=jnp.float32) * scale
     old = jnp.where(cache_mask[:, None, None, :], old, neg)
@@ -304,25 +316,22 @@ def cached_attention(q, cache_k, cache_v, k, v, cache_mask, own_mask, scale):
         out = out + own * v.astype(jnp.float32)
     else:
         out = out + jnp.einsum("bkqt,bktd->bkqd", own.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = (out / total).astype(v.dtype)
-    return out.reshape(batch, kv_heads, length, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, length, heads, dim)
+    return rows_as_queries((out / total).astype(v.dtype), length)
 
 
 def attention_over_cache(q, cache_k, cache_v, mask, scale):
     """Attention over a cache that already holds this call's keys and values. q: [B,T,H,D];
     cache_k: [B,KV,D,S]; cache_v: [B,KV,S,D]; mask: [B,T,S] (which slots each query sees)."""
-    batch, length, heads, dim = q.shape
-    kv_heads = cache_k.shape[1]
-    group = heads // kv_heads
-    q = q.reshape(batch, length, kv_heads, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, length * group, dim)
+    length = q.shape[1]
+    group = q.shape[2] // cache_k.shape[1]
+    q = queries_as_rows(q, cache_k.shape[1])
     scores = jnp.einsum("bkqd,bkds->bkqs", q, cache_k, preferred_element_type=jnp.float32) * scale
     mask = jnp.repeat(mask, group, axis=1)[:, None]  # query rows are (t, g)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     # Normalised after the value product: a pass over [B, KV, Q, D] instead of [B, KV, Q, S].
     out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(cache_v.dtype), cache_v, preferred_element_type=jnp.float32)
-    out = (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(cache_v.dtype)
-    return out.reshape(batch, kv_heads, length, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, length, heads, dim)
+    return rows_as_queries((out / jnp.sum(weights, axis=-1, keepdims=True)).astype(cache_v.dtype), length)
 
 
 def decoder_layer(config: DecoderConfig, params: dict, x, positions, inv_freq, attend):
