@@ -10,12 +10,15 @@ on GCS, committed by a `commit_success.txt` marker) and only then becomes a step
 steps are garbage-collected by the save's finalize thread *after* that save has committed,
 so a failed or interrupted save never removes the last good checkpoint (tests check both).
 
-Directories may be local paths or `gs://...`; they go to Orbax as `etils.epath.Path`.
+Directories may be local paths (relative ones are resolved against the working directory
+here, because Orbax refuses relative paths) or `gs://...`; they go to Orbax as
+`etils.epath.Path`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -65,6 +68,18 @@ def jsonable(value: Any, where: str = "meta") -> Any:
     )
 
 
+def checkpoint_path(path: str | epath.PathLike) -> epath.Path:
+    """`path` as Orbax accepts it: `gs://...` and other URLs unchanged, local paths absolute.
+
+    Every place that opens a checkpoint goes through here, so a relative `trainer.run_dir`,
+    `--checkpoint runs/x/checkpoints` or a sweep's `run_root` work from any caller.
+    """
+    text = str(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def abstract_like(tree: Any) -> Any:
     """Shape, dtype and sharding of every array leaf (jax.ShapeDtypeStruct); other leaves as is."""
 
@@ -100,7 +115,7 @@ class Checkpointer:
             raise ValueError(f"keep_every must be an integer >= 0, 0 = off (trainer.keep_every), got {keep_every!r}")
         if not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
-        self.directory = epath.Path(directory)
+        self.directory = checkpoint_path(directory)
         keep: list = [policies.LatestN(n=keep_last)]
         if keep_every:
             keep.append(policies.EveryNSteps(interval_steps=keep_every))
@@ -252,7 +267,7 @@ def _first_line(error: BaseException | None) -> str:
 
 def save_pytree(path: str | epath.PathLike, tree: Any, overwrite: bool = False) -> None:
     """Write one pytree of arrays to `path` (an Orbax checkpoint directory) and wait for it."""
-    path = epath.Path(path)
+    path = checkpoint_path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (or choose another output path)")
     with ocp.StandardCheckpointer() as checkpointer:
@@ -262,7 +277,7 @@ def save_pytree(path: str | epath.PathLike, tree: Any, overwrite: bool = False) 
 
 def load_pytree(path: str | epath.PathLike, target: Any = None) -> Any:
     """Read a pytree written by `save_pytree`; `target` as in `Checkpointer.restore`."""
-    path = epath.Path(path)
+    path = checkpoint_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no Orbax checkpoint at {path}")
     with ocp.StandardCheckpointer() as checkpointer:
@@ -273,6 +288,7 @@ __all__ = [
     "Checkpointer",
     "Restored",
     "abstract_like",
+    "checkpoint_path",
     "jsonable",
     "load_pytree",
     "save_pytree",
