@@ -141,6 +141,24 @@ def test_score_works_outside_the_main_thread():
         ("1,001", "1000", 0.0),
         ("-10", "-10", 1.0),
         ("10", "-10", 0.0),
+        # Units still pass, including the ones GSM8K asks for ("how many times", "how many dozen").
+        ("12 \\text{ cm}", "12", 1.0),
+        ("5 \\text{ more apples}", "5", 1.0),
+        ("3 miles per hour", "3", 1.0),
+        ("3 times", "3", 1.0),
+        ("4 dozen", "4", 1.0),
+        ("25 percent", "25", 1.0),
+        # Words that change the value, or make it a bound, are not units.
+        ("3 pi", "3", 0.0),
+        ("3 \\text{ pi}", "3", 0.0),
+        ("2 squared", "2", 0.0),
+        ("3 thousand", "3", 0.0),
+        ("3 \\text{ thousand dollars}", "3", 0.0),
+        ("\\$2 million", "2", 0.0),
+        ("4 \\text{ or more}", "4", 0.0),
+        ("4 or less", "4", 0.0),
+        ("5 \\text{ below zero}", "5", 0.0),
+        ("5 factorial", "5", 0.0),
     ],
 )
 def test_gsm8k_style_numbers(boxed, gold, expected):

@@ -29,7 +29,19 @@ _GROUPED_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # A number followed by optional unit words: "$18", "18 dollars", "1,000 \text{ m}".
 _NUMBER_WITH_UNITS = re.compile(
     r"(?:\\\$|\$)?\s*(?P<number>-?\d[\d,]*(?:\.\d+)?)\s*"
-    r"(?:\\(?:text|mathrm|mbox|textrm)\s*\{[^{}]*\}|[A-Za-z]{2,}(?:\s+[A-Za-z]+)*)?"
+    r"(?P<units>\\(?:text|mathrm|mbox|textrm)\s*\{[^{}]*\}|[A-Za-z]{2,}(?:\s+[A-Za-z]+)*)?"
+)
+# Trailing words that are not units: they change the number ("3 pi", "2 squared", "3 thousand",
+# "5 factorial", "5 below zero") or make it a bound ("4 or more", "40 plus"). Any other words
+# count as units. GSM8K's units are open-ended ("5 more apples", "3 miles per hour"), so a list
+# of units could never be complete; this list is short. "times" and "dozen" are units here:
+# GSM8K asks "how many times ..." and "how many dozen ...", and a truth of 4 for a question
+# asked in eggs would be 48, not 4. math-verify itself drops any \text{...}, so these words
+# must be caught before it sees them.
+_VALUE_CHANGING_WORDS = frozenset(
+    "pi squared cubed factorial sqrt root power reciprocal inverse plus minus negative below "
+    "hundred hundreds thousand thousands million millions billion billions trillion trillions "
+    "tenths hundredths thousandths half halves or least most".split()
 )
 _THIN_SPACE_THOUSANDS = re.compile(r"(?<=\d)\\[,!;: ](?=\d{3}(?!\d))")
 
@@ -85,6 +97,9 @@ def _normalize_prediction(content: str, numeric_truth: bool) -> str:
         content = _THIN_SPACE_THOUSANDS.sub("", content)
         match = _NUMBER_WITH_UNITS.fullmatch(content)
         if match:
+            words = re.findall(r"[A-Za-z]+", match.group("units") or "")
+            if any(word.lower() in _VALUE_CHANGING_WORDS for word in words):
+                return ""  # a different number, or a bound: never equal to a plain number
             number = match.group("number")
             content = number.replace(",", "") if _GROUPED_NUMBER.fullmatch(number) else number
     return content
