@@ -86,9 +86,18 @@ class RolloutConfig:
         return dict(decode_segments=self.decode_segments, decode_layers=self.decode_layers, prefill_chunk=self.prefill_chunk)
 
 
+# reward.verifier names -> "module:function". "math": the last \boxed{} only (ours);
+# "math_authors": an answer anywhere in the response, the PACS authors' reward, which the
+# paper's numbers were trained with. See pacs_jax/rewards/math.py.
+NAMED_VERIFIERS = {
+    "math": "pacs_jax.rewards.math:score",
+    "math_authors": "pacs_jax.rewards.math:score_authors",
+}
+
+
 @dataclass
 class RewardConfig:
-    # "math" (math-verify on the last \boxed{}) or "module:function" taking (response, ground_truth).
+    # A name in NAMED_VERIFIERS or "module:function" taking (response, ground_truth).
     verifier: str = "math"
     workers: int = 2
     timeout_s: float = 5.0
@@ -108,6 +117,8 @@ class AlgorithmConfig:
     # GRPO / PPO
     clip_low: float = 0.2
     clip_high: float = 0.2
+    # Dual-clip PPO (verl's actor.clip_ratio_c): where A < 0 the per-token loss is at most -A * clip_ratio_c.
+    clip_ratio_c: float = 3.0
     kl_coef: float = 0.0
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
@@ -366,6 +377,11 @@ def validate(config: Config) -> None:
         )
     _require(a.beta > 0, f"algorithm.beta must be > 0, got {a.beta}")
     _require(0 <= a.clip_low < 1 and a.clip_high >= 0, "algorithm.clip_low must be in [0, 1) and clip_high >= 0")
+    _require(
+        a.clip_ratio_c > 1,
+        f"algorithm.clip_ratio_c must be > 1 (the dual clip bounds the ratio on negative advantages), "
+        f"got {a.clip_ratio_c}; use .inf to turn the dual clip off",
+    )
     _require(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
     _require(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]")
     _require(o.lr >= 0, f"optimizer.lr must be >= 0, got {o.lr}")
@@ -381,8 +397,9 @@ def validate(config: Config) -> None:
     _require(config.reward.workers >= 1, f"reward.workers must be >= 1, got {config.reward.workers}")
     _require(config.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {config.reward.timeout_s}")
     _require(
-        config.reward.verifier == "math" or ":" in config.reward.verifier,
-        f"reward.verifier must be 'math' or 'module:function', got {config.reward.verifier!r}",
+        config.reward.verifier in NAMED_VERIFIERS or ":" in config.reward.verifier,
+        f"reward.verifier must be one of {sorted(NAMED_VERIFIERS)} or 'module:function', "
+        f"got {config.reward.verifier!r}",
     )
     _require(
         bool(config.model.path) or bool(config.model.arch),

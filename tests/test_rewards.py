@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.metric import math_metric
 
-from pacs_jax.rewards.math import has_boxed, last_boxed, score
+from pacs_jax.rewards.math import has_boxed, last_boxed, score, score_authors
 from pacs_jax.rewards.pool import VerifierError, VerifierPool, resolve_verifier
 from pacs_jax.rewards.synthetic import arithmetic, countdown, countdown_score, generate
 
@@ -165,6 +166,72 @@ def test_gsm8k_style_numbers(boxed, gold, expected):
     assert score(f"\\boxed{{{boxed}}}", gold) == expected
 
 
+# ---------------------------------------------------------------------------- the authors' rule
+
+
+def _authors_compute_score(response: str, ground_truth: str) -> float:
+    """The reference: the PACS authors' src/reward_function.py, as they call math-verify (its
+    own signal-based timeouts on, so main thread only)."""
+    verify_func = math_metric(
+        gold_extraction_target=(LatexExtractionConfig(),),
+        pred_extraction_target=(ExprExtractionConfig(), LatexExtractionConfig()),
+    )
+    try:
+        return verify_func(["\\boxed{" + ground_truth + "}"], [response])[0]
+    except Exception:
+        return 0.0
+
+
+AUTHORS_CASES = [
+    # unboxed answers: the last number or expression counts
+    ("The answer is 42.", "42", 1.0),
+    ("We have $x = 5$, so $2x = 10$.", "10", 1.0),
+    ("It costs 1,000 dollars.", "1000", 1.0),
+    # "final answer is" and "Answer:" anchors win over later expressions
+    ("So the final answer is $\\frac{1}{2}$.", "\\frac{1}{2}", 1.0),
+    ("Final answer: 0.5", "\\frac12", 1.0),
+    ("I first got 7. Therefore, the final answer is 8.", "8", 1.0),
+    ("I first got 7. Therefore, the final answer is 8.", "7", 0.0),
+    ("Answer: 12. Hmm, maybe 13.", "12", 1.0),
+    # a boxed answer wins over anything after it
+    ("\\boxed{5}. Check: 2+3 = 6", "5", 1.0),
+    ("\\boxed{5}. Check: 2+3 = 6", "6", 0.0),
+    ("The final answer is $\\boxed{3\\pi}$", "3\\pi", 1.0),
+    # wrong, empty, and a ground truth math-verify cannot read
+    ("The answer is 41.", "42", 0.0),
+    ("\\boxed{41}", "42", 0.0),
+    ("", "3", 0.0),
+    ("The answer is 42.", "", 0.0),
+]
+
+
+@pytest.mark.parametrize("response, gold, expected", AUTHORS_CASES)
+def test_authors_rule_matches_their_reward_function(response, gold, expected):
+    assert _authors_compute_score(response, gold) == expected  # hand-checked labels
+    assert score_authors(response, gold) == expected
+
+
+def test_authors_rule_differs_from_boxed_only_on_unboxed_answers():
+    assert score("The answer is 42.", "42") == 0.0 and score_authors("The answer is 42.", "42") == 1.0
+    assert score("\\boxed{42}", "42") == score_authors("\\boxed{42}", "42") == 1.0
+
+
+def test_authors_rule_on_math500_unboxed_answers():
+    rows = _jsonl(DATA / "math500_test_50.jsonl")
+    for row in rows:
+        response = f"Putting it together, the final answer is ${row['answer']}$."
+        assert score_authors(response, row["answer"]) == _authors_compute_score(response, row["answer"]), row["answer"]
+    assert sum(score_authors(f"The final answer is ${r['answer']}$.", r["answer"]) for r in rows) >= 45
+
+
+def test_authors_rule_works_outside_the_main_thread():
+    # The authors' math_metric would raise here (signal.alarm); ours leaves time limits to the pool.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as threads:
+        assert list(threads.map(score_authors, ["x is 0.5", "so 2"], ["\\frac{1}{2}", "3"])) == [1.0, 0.0]
+
+
 # ---------------------------------------------------------------------------- pool
 
 
@@ -250,6 +317,42 @@ def test_pool_from_config_runs_the_countdown_verifier():
     with VerifierPool.from_config(config) as pool:
         scores, _ = pool.score_batch(responses, [r["answer"] for r in rows])
     assert scores == [1.0] * 10 + [countdown_score("\\boxed{1+1}", r["answer"]) for r in rows[10:]]
+
+
+def test_pool_runs_the_authors_rule_by_name_under_its_time_limit():
+    responses = [
+        "The answer is 42.",
+        "So the final answer is $\\frac{1}{2}$.",
+        "The answer is 41.",
+        "The final answer is $9^{9^{9^{9}}}$.",  # sympy cannot finish this: the pool's limit stops it
+        "Final answer: 7",
+    ]
+    truths = ["42", "0.5", "42", "81", "7"]
+    with VerifierPool("math_authors", workers=1, timeout_s=1.0, deadline_s=60.0) as pool:
+        scores, stats = pool.score_batch(responses, truths)
+        assert scores == [1.0, 1.0, 0.0, 0.0, 1.0]
+        assert stats["reward/timeouts"] == 1 and stats["reward/errors"] == 0
+        assert stats["reward/format_ok"] == 0.0  # nothing was boxed, yet three score 1
+        # The pool still works afterwards, and its time limit still holds.
+        scores, stats = pool.score_batch(["The answer is 3.", "The answer is $9^{9^{9^{9}}}$."], ["3", "81"])
+        assert scores == [1.0, 0.0] and stats["reward/timeouts"] == 1
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("qwen2.5_*.yaml")))
+def test_paper_configs_use_the_authors_rule(path):
+    import yaml
+
+    # Read as YAML, not load_config: these configs name model folders that are not here.
+    assert yaml.safe_load(path.read_text())["reward"]["verifier"] == "math_authors"
+
+
+def test_config_names_the_verifiers():
+    from pacs_jax.config import ConfigError, load_config
+
+    arch = "model.arch={hidden_size: 8}"
+    assert load_config(overrides=[arch, "reward.verifier=math_authors"]).reward.verifier == "math_authors"
+    with pytest.raises(ConfigError, match=r"reward.verifier must be one of \['math', 'math_authors'\]"):
+        load_config(overrides=[arch, "reward.verifier=math_author"])
 
 
 @pytest.mark.parametrize("spec", ["nonexistent_module_xyz:f", "pacs_jax.rewards.math:nope", "math_score"])

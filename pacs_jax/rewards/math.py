@@ -1,14 +1,23 @@
-"""Binary maths reward: the last \\boxed{...} of a response checked against the ground truth.
+"""Binary maths rewards with math-verify: `score` (the last \\boxed{} only) and `score_authors`
+(the PACS authors' rule: an answer anywhere in the response).
 
-The comparison is math-verify's, set up as the PACS authors' verl reward does: the ground
-truth is wrapped in \\boxed{} and parsed as LaTeX; the prediction is parsed as LaTeX, then
-as a plain expression. Before that we cut the response down to its LAST \\boxed{...} (found
-with a brace matcher, so nested braces work) and tidy GSM8K-style numbers ("1,000", "$18",
-"18 dollars", "18."), which math-verify alone scores 0.
+`score` (reward.verifier `math`) reads only the response's LAST \\boxed{...} (found with a
+brace matcher, so nested braces work); no box, or one cut off, scores 0. It tidies GSM8K-style
+numbers that math-verify alone scores 0 ("1,000", "$18", "18 dollars", "18.") when the truth is
+a plain number, but refuses trailing words that change the number ("3 pi", "3 thousand",
+"4 or more"). Then math-verify compares: the ground truth wrapped in \\boxed{} and parsed as
+LaTeX, the boxed content parsed as LaTeX, then as a plain expression.
 
-math-verify's own timeouts use signal.alarm, which only works in a main thread and cannot
-stop long C-level work (big integer powers). They are switched off here; untrusted
-responses should be scored through `VerifierPool`, which enforces the time limit.
+`score_authors` (reward.verifier `math_authors`) is the authors' src/reward_function.py:
+math-verify's `math_metric` over the whole response, with the same extraction settings. It
+takes a \\boxed{} answer first, then "final answer is X", then "answer: X", then the last
+number or LaTeX expression anywhere, so an unboxed answer can score 1. It is the reward the
+paper trained with, so numbers compared with the paper's need it.
+
+math-verify's own timeouts use signal.alarm, which only works in a main thread, cannot stop
+long C-level work (big integer powers), and would cancel the pool's own SIGALRM timer. They
+are switched off here; responses should be scored through `VerifierPool`, which enforces the
+time limit.
 """
 
 from __future__ import annotations
@@ -132,3 +141,20 @@ def score(response: str, ground_truth: str) -> float:
     if not prediction:
         return 0.0
     return 1.0 if verify(gold, prediction, timeout_seconds=None) else 0.0
+
+
+_AUTHORS_PREDICTION_TARGETS = [ExprExtractionConfig(), LatexExtractionConfig()]
+
+
+def score_authors(response: str, ground_truth: str) -> float:
+    """The PACS authors' reward: 1.0 when math-verify finds an answer anywhere in `response`
+    equal to `ground_truth` (their `math_metric` call, without its signal-based timeouts)."""
+    # As theirs: the raw ground truth, boxed; an unreadable one raises in math_metric, which
+    # their `except Exception` turns into 0.
+    gold = list(_parse_ground_truth(ground_truth))
+    if not gold:
+        return 0.0
+    prediction = parse(response, extraction_config=_AUTHORS_PREDICTION_TARGETS, parsing_timeout=None)
+    # math_metric compares with precision 6 (verify's float_rounding) and takes the max over
+    # one prediction: a plain verify.
+    return 1.0 if verify(gold, prediction, float_rounding=6, timeout_seconds=None) else 0.0

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from pacs_jax.config import NAMED_VERIFIERS
 from pacs_jax.rewards.math import has_boxed
 
 KILL_GRACE_S = 1.0
@@ -40,12 +41,14 @@ class VerifierError(RuntimeError):
 
 
 def resolve_verifier(spec: str) -> Verifier:
-    """"math" or "package.module:function" -> the callable (imported here)."""
-    if spec == "math":
-        spec = "pacs_jax.rewards.math:score"
+    """A name in `NAMED_VERIFIERS` ("math", "math_authors") or "package.module:function" -> the
+    callable (imported here)."""
+    spec = NAMED_VERIFIERS.get(spec, spec)
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
-        raise VerifierError(f"reward.verifier must be 'math' or 'module:function', got {spec!r}")
+        raise VerifierError(
+            f"reward.verifier must be one of {sorted(NAMED_VERIFIERS)} or 'module:function', got {spec!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
