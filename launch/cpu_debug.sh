@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A newcomer's first command: install the project and train the tiny debug config on the CPU
+# A newcomer's first command: install the project (into .venv unless a virtual environment is
+# active; scripts/python_env.sh) and train the tiny debug config on the CPU
 # (a few minutes on a laptop; macOS's bash 3.2 works too). Extra arguments are config
 # overrides, e.g. trainer.total_steps=5.
 set -euo pipefail
@@ -10,11 +11,14 @@ usage() {
   cat <<'EOF'
 Usage: launch/cpu_debug.sh [--no-install] [--dry-run] [key=value ...]
 
-Installs the project (python -m pip install -e .) and runs
+Installs the project (pip install -e . with constraints.txt's pinned versions) into a
+virtual environment and runs
   python -m pacs_jax train --config configs/debug_cpu.yaml [key=value ...]
-  --no-install  skip the pip install (already done)
+  --no-install  skip the pip install (already done): uses $PYTHON, the active virtual
+                environment, .venv, or else the system python
   --dry-run     print the commands instead of running them
-Set PYTHON to choose the interpreter (default: python, else python3).
+The environment: $PYTHON when set, else the active virtual environment ($VIRTUAL_ENV), else
+$PACS_JAX_VENV (default: .venv in the repository, created when missing).
 EOF
 }
 
@@ -31,12 +35,26 @@ while (($#)); do
   esac
 done
 
-PY="${PYTHON:-$(command -v python || command -v python3 || true)}"
-[[ -n $PY ]] || die "no python found: install Python 3.11+ or set PYTHON=/path/to/python"
 cd "$REPO_ROOT"
+# shellcheck source=scripts/python_env.sh
+source scripts/python_env.sh
+if ((DRY_RUN)); then
+  PY=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
+  PY=${PY:-${PACS_JAX_VENV:-$REPO_ROOT/.venv}/bin/python}
+elif ((INSTALL)); then
+  choose_python || exit 1
+else
+  choose_python existing || exit 1
+fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 
-((INSTALL)) && run "$PY" -m pip install -e .
+if ((INSTALL)); then
+  if ((DRY_RUN)); then
+    run "$PY" -m pip install -q -c constraints.txt -e .
+  else
+    pip_install -e .
+  fi
+fi
 run "$PY" -m pacs_jax train --config configs/debug_cpu.yaml ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 
 run_dir="$("$PY" -c 'import sys; from pacs_jax.config import load_config

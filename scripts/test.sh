@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Installs the project with its test extras and runs the test suite (the README's second command).
+# The README's second command: installs the project with its test extras (every version pinned by
+# constraints.txt) into a virtual environment (scripts/python_env.sh says which), then runs the
+# test suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/test_rollout.py`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e '.[test]'
-python -m pytest -q -ra "$@"
+# shellcheck source=scripts/python_env.sh
+source scripts/python_env.sh
+choose_python
+pip_install -e '.[test]'
+"$PY" -m pytest -q -ra "$@"

@@ -309,11 +309,16 @@ def test_cpu_debug_dry_run(env):
                  extra_env={"PYTHON": "python3"})
     assert result.returncode == 0, result.stderr
     assert printed(result) == [
-        ["python3", "-m", "pip", "install", "-e", "."],
+        ["python3", "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", "."],
         ["python3", "-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml", "trainer.total_steps=3"],
     ]
     no_install = run(env, "cpu_debug.sh", "--dry-run", "--no-install", extra_env={"PYTHON": "python3"})
     assert printed(no_install) == [["python3", "-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml"]]
+    # No PYTHON and no active environment: the project's own .venv (created by the real run).
+    own_env = {k: v for k, v in env.items() if k not in ("PYTHON", "VIRTUAL_ENV", "PACS_JAX_VENV")}
+    default = subprocess.run(["bash", str(LAUNCH / "cpu_debug.sh"), "--dry-run"], capture_output=True, text=True,
+                             env=own_env, cwd=REPO, timeout=60)
+    assert printed(default)[0][0] == str(REPO / ".venv" / "bin" / "python"), default.stdout
 
 
 # ---------------------------------------------------------------------------- for real, on this machine
