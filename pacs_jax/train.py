@@ -152,8 +152,10 @@ def train(config: Config) -> dict:
     base_key = jax.random.key(t.seed)
 
     start_step, reference = 0, None
-    saved = _checkpoint_tree(state, reference)
-    restored = checkpointer.restore_latest_good(saved) if t.resume == "auto" else None
+    # The reference policy (GRPO's KL term) is saved with the state, so the restore target holds
+    # one too: the policy's own parameters give its shapes and shardings.
+    target = _checkpoint_tree(state, state.params["policy"] if needs_reference else None)
+    restored = checkpointer.restore_latest_good(target) if t.resume == "auto" else None
     if restored is not None:
         state, reference = restored.train_state["train"], restored.train_state.get("reference")
         stream.restore(restored.meta["data"])

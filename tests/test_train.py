@@ -158,3 +158,38 @@ def test_config_errors_name_the_key():
         load_config(None, ["model.arch={hidden_size: 8}", "rollout.decode_layers=unroll"])
     with pytest.raises(ConfigError, match="trainer.micro_batches=3 must divide"):
         load_config(None, ["model.arch={hidden_size: 8}", "trainer.prompts_per_step=8", "trainer.mini_batches=2", "trainer.micro_batches=3"])
+
+
+TIMINGS = ("time/", "tokens_per_s", "reward/check_s")
+
+
+def assert_same_metrics(expected, actual):
+    """Two runs logged the same steps with the same values (timings apart)."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for ra, rb in zip(expected, actual):
+        assert {k for k in ra if not k.startswith(TIMINGS)} == {k for k in rb if not k.startswith(TIMINGS)}
+        for key in ra:
+            if not key.startswith(TIMINGS):
+                assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+
+
+def assert_same_policy(config_a, dir_a, config_b, dir_b, step):
+    """Parameters of two runs' checkpoints at `step` are bit-for-bit equal."""
+    pa, _ = restore_policy(config_a, str(dir_a), step)
+    pb, _ = restore_policy(config_b, str(dir_b), step)
+    for x, y in zip(jax.tree.leaves(jax.tree.map(np.asarray, pa)), jax.tree.leaves(jax.tree.map(np.asarray, pb))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_grpo_with_kl_resumes_exactly(tmp_path):
+    # The KL term's reference policy is part of the checkpoint; the restore target must hold it.
+    grpo = ["algorithm.name=grpo", "algorithm.kl_coef=0.1", "trainer.save_every=2"]
+    straight = tiny_config(tmp_path / "straight", *grpo, "trainer.total_steps=3")
+    train(straight)
+    train(tiny_config(tmp_path / "split", *grpo, "trainer.total_steps=2"))
+    resumed = tiny_config(tmp_path / "split", *grpo, "trainer.total_steps=3")
+    outputs = train(resumed)
+    assert outputs["step"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3]
+    assert_same_metrics(read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split"))
+    assert_same_policy(straight, tmp_path / "straight" / "checkpoints", resumed, tmp_path / "split" / "checkpoints", 3)
