@@ -123,6 +123,9 @@ class AlgorithmConfig:
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
     ] = "token-mean"
+    # seq-mean-token-sum-norm divides each response's token sum by this (0 = the padded response
+    # length). verl's loss in this mode is ours with max_new_tokens / (its per-GPU micro-batch size).
+    seq_norm_divisor: float = 0.0
     # PPO critic
     gamma: float = 1.0
     lam: float = 1.0
@@ -383,6 +386,10 @@ def validate(config: Config) -> None:
         f"got {a.clip_ratio_c}; use .inf to turn the dual clip off",
     )
     _require(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
+    _require(
+        a.seq_norm_divisor >= 0,
+        f"algorithm.seq_norm_divisor must be >= 0 (0 = the padded response length), got {a.seq_norm_divisor}",
+    )
     _require(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]")
     _require(o.lr >= 0, f"optimizer.lr must be >= 0, got {o.lr}")
     _require(o.grad_clip >= 0, f"optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}")
