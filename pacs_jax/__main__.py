@@ -7,17 +7,34 @@ import logging
 import sys
 
 
+def join_processes(shared_dirs: dict[str, str]) -> None:
+    """Multi-host: join the other hosts' processes (a no-op for one process, a one-host TPU VM
+    included), then check that every directory in `shared_dirs` (config key -> path) is one all
+    hosts see, before anything is loaded or compiled."""
+    from pacs_jax import sharding
+
+    if sharding.initialize_distributed():
+        import jax
+
+        print(f"pacs_jax: process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} of {jax.device_count()} devices here", file=sys.stderr, flush=True)
+        sharding.require_shared_dirs(shared_dirs)
+
+
 def _train(args) -> int:
-    from pacs_jax import train
+    from pacs_jax import gcs, train
     from pacs_jax.config import load_config
 
-    train.main(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    join_processes({"trainer.run_dir": config.trainer.run_dir, "trainer.checkpoint_dir": config.trainer.checkpoint_dir})
+    train.main(gcs.stage_inputs(config))
     return 0
 
 
 def _eval(args) -> int:
     from pacs_jax import evaluate_cli
 
+    join_processes({"--checkpoint": args.checkpoint or ""})
     return evaluate_cli.run(args)
 
 
@@ -57,12 +74,15 @@ def _convert(args) -> int:
 
 
 def _sweep(args) -> int:
+    # The sweep itself uses no JAX: each run is a `train` subprocess, which joins the other
+    # hosts' processes itself when there are any.
     from pacs_jax import sweep
 
     return sweep.main(args.sweep_args)
 
 
 def _compile(args) -> int:
+    # No join_processes: compile builds programs for abstract TPU devices in this one process.
     from pacs_jax import compile_tpu
 
     return compile_tpu.run(args)

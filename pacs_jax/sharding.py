@@ -11,9 +11,10 @@ more memory. Checks that would make such a fallback a real waste (the tensor axi
 the head counts, the batch not dividing over the data axes) are errors, raised before anything
 compiles by `validate_mesh_for_model`.
 
-Multi-host (multi-controller SPMD): every process runs the same program. Call
-`initialize_distributed()` first, build the same mesh everywhere, and feed each process its
-own contiguous slice of the global batch (`process_slice`) to `shard_batch`.
+Multi-host (multi-controller SPMD): every process runs the same program. The CLI calls
+`initialize_distributed()` first (a no-op for one process), builds the same mesh everywhere,
+and feeds each process its own contiguous slice of the global batch (`process_slice`) to
+`shard_batch`.
 """
 
 from __future__ import annotations
@@ -341,6 +342,8 @@ def shard_batch(host_arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 
 # ---------------------------------------------------------------------------- processes
 
+_METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+
 
 def _on_cloud_tpu_vm() -> bool:
     """libtpu installed and TPU chips attached: when JAX's own cluster detection can work."""
@@ -353,30 +356,111 @@ def _on_cloud_tpu_vm() -> bool:
         return False
 
 
+def _tpu_metadata(key: str) -> Optional[str]:
+    """A TPU VM's instance attribute (what JAX's own cluster detection reads), or None."""
+    import urllib.request
+
+    request = urllib.request.Request(_METADATA_URL + key, headers={"Metadata-Flavor": "Google"})
+    for attempt in range(3):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.read().decode()
+        except OSError:
+            import time
+
+            time.sleep(0.5 * (attempt + 1))
+    return None
+
+
+def tpu_slice_hosts() -> Optional[int]:
+    """Hosts in this Cloud TPU VM's slice (times MEGASCALE_NUM_SLICES for multislice), from
+    TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES (GKE) or the VM's metadata; None when unknown."""
+    workers = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
+    if workers is None:
+        workers = _tpu_metadata("worker-network-endpoints")
+    if workers is None:
+        return None
+    slices = int(os.environ.get("MEGASCALE_NUM_SLICES") or 1)
+    return len([w for w in workers.split(",") if w.strip()]) * slices
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} must be an integer") from None
+
+
 def initialize_distributed(
     coordinator: Optional[str] = None,
     num_processes: Optional[int] = None,
     process_id: Optional[int] = None,
 ) -> bool:
-    """Join the multi-process JAX runtime; call before any other JAX call. Returns whether it did.
+    """Join the multi-process JAX runtime when this process is one of several; call before any
+    other JAX call. Returns whether it did. The CLI (train, eval) calls it with no arguments.
 
-    - num_processes=1, or nothing given off a TPU VM: a no-op (one process).
-    - `coordinator` ("host:port", or env JAX_COORDINATOR_ADDRESS) with num_processes and
-      process_id: an explicit cluster (e.g. several local processes in tests).
-    - On a Cloud TPU VM (single host or pod slice): JAX detects everything from the TPU metadata.
+    - `coordinator` ("host:port" of process 0) with num_processes and process_id, or the
+      environment JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID: an explicit
+      cluster (several machines, or several local processes as in the tests).
+    - A Cloud TPU VM of a multi-host slice (v5p-64: 8 hosts): JAX finds the coordinator, the
+      process count and this host's id in the TPU metadata.
+    - Anything else, a one-host TPU VM (v5litepod-8, v4-8) and one process of any kind included:
+      a no-op. So is num_processes=1, and a runtime that is already initialised.
     """
     if num_processes == 1 or jax.distributed.is_initialized():
         return False
-    if coordinator is None and "JAX_COORDINATOR_ADDRESS" not in os.environ and not _on_cloud_tpu_vm():
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if coordinator is not None:
+        num_processes = _env_int("JAX_NUM_PROCESSES") if num_processes is None else num_processes
+        process_id = _env_int("JAX_PROCESS_ID") if process_id is None else process_id
+        if num_processes is None or process_id is None:
+            raise ConfigError(
+                f"coordinator {coordinator} given (JAX_COORDINATOR_ADDRESS) without the process count and this "
+                "process's id: set JAX_NUM_PROCESSES (how many processes) and JAX_PROCESS_ID (0 .. N-1, 0 on "
+                "the coordinator's host) in every process, or unset JAX_COORDINATOR_ADDRESS for one process"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"JAX_PROCESS_ID={process_id} must be in 0 .. JAX_NUM_PROCESSES-1 = {num_processes - 1}")
+        if num_processes == 1:
+            return False
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    else:
         if num_processes is not None or process_id is not None:
             raise ValueError(
                 f"num_processes={num_processes}, process_id={process_id} given without a coordinator "
                 "address; pass coordinator='host:port' (process 0's address) or set JAX_COORDINATOR_ADDRESS"
             )
-        return False
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+        if not _on_cloud_tpu_vm():
+            return False
+        hosts = tpu_slice_hosts()
+        if hosts == 1:
+            return False
+        if hosts is None:
+            logger.warning("cannot read this TPU VM's worker list (metadata server); joining JAX's distributed "
+                           "runtime anyway, which reads the same metadata")
+        jax.distributed.initialize()
     logger.info("JAX distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+def require_shared_dirs(dirs: Mapping[str, str]) -> None:
+    """With several processes, every directory here (config key -> path) must be one every host
+    sees: gs://, or a shared filesystem vouched for with PACS_JAX_SHARED_FS=1. Raises ConfigError
+    naming the key otherwise. Orbax's multi-host save has every host write its shards into one
+    directory, and a VM's own disk holds only its own shards (and goes with the VM)."""
+    if jax.process_count() == 1 or os.environ.get("PACS_JAX_SHARED_FS") == "1":
+        return
+    for key, path in dirs.items():
+        if path and "://" not in path:
+            raise ConfigError(
+                f"{key}={path} is a local folder, but this run has {jax.process_count()} processes (hosts) "
+                f"and each sees only its own disk, while every host writes and reads its part of each "
+                f"checkpoint in one shared folder. Use a bucket every host can reach, e.g. "
+                f"{key}=gs://BUCKET/runs/NAME (or, for a filesystem every host mounts, export PACS_JAX_SHARED_FS=1)"
+            )
 
 
 def is_main_process() -> bool:

@@ -109,7 +109,12 @@ def first_char_is_digit(response: str, ground_truth: str) -> float:
 def trainer_config(run_dir: str, total_steps: int):
     from pacs_jax.config import load_config
 
-    return load_config(None, [
+    return load_config(None, trainer_overrides(run_dir, total_steps))
+
+
+def trainer_overrides(run_dir: str, total_steps: int) -> list[str]:
+    """A tiny trainer config as `section.key=value` overrides (also given to `python -m pacs_jax train`)."""
+    return [
         "model.tokenizer=char",
         "model.arch={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
         "num_key_value_heads: 2, tie_word_embeddings: true}",
@@ -131,7 +136,7 @@ def trainer_config(run_dir: str, total_steps: int):
         "optimizer.lr=1e-3",
         "optimizer.eps=1e-3",  # see tests/test_sharding.py: keeps Adam's first step smooth in g
         f"mesh.data={MESH[0]}", f"mesh.fsdp={MESH[1]}", f"mesh.tensor={MESH[2]}",
-    ])
+    ]
 
 
 def train_summary(run_dir: str, stops: list[int]) -> dict:
