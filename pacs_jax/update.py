@@ -73,12 +73,21 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+# The value head's initial weights are N(0, 0.02^2), its bias 0: verl's critic is
+# AutoModelForTokenClassification with num_labels=1, whose `score` Linear is missing from the
+# checkpoint and so gets transformers' _init_weights (normal, std = initializer_range, 0.02 for
+# Llama and Qwen2.5; bias zeros), with dropout set to 0. A zero head would also stop the
+# critic's decoder from learning on the first step (its gradient flows through the head).
+VALUE_HEAD_INIT_STD = 0.02
+
+
 class Critic(nnx.Module):
     """PPO's critic: a copy of the policy's decoder with a scalar value head on its final hidden state."""
 
-    def __init__(self, decoder: Decoder):
+    def __init__(self, decoder: Decoder, key: jax.Array):
         self.decoder = decoder
-        self.value_head = nnx.Param(jnp.zeros((decoder.config.hidden_size,), jnp.float32), logical_axes=("embed",))
+        head = VALUE_HEAD_INIT_STD * jax.random.normal(key, (decoder.config.hidden_size,), jnp.float32)
+        self.value_head = nnx.Param(head, logical_axes=("embed",))
         self.value_bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
 
     def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
@@ -121,21 +130,27 @@ def make_train_optimizer(algorithm: AlgorithmConfig, optimizer: OptimizerConfig,
     return optax.multi_transform(transforms, lambda params: {name: name for name in params})
 
 
-def init_train_state(policy: Decoder, optimizer: optax.GradientTransformation, with_critic: bool) -> tuple[Any, TrainState]:
-    """Returns (graphdefs, state). The critic starts as a copy of the policy's weights."""
+def init_train_state(
+    policy: Decoder, optimizer: optax.GradientTransformation, with_critic: bool, seed: int = 0
+) -> tuple[Any, TrainState]:
+    """Returns (graphdefs, state). The critic starts as a copy of the policy's weights and a
+    value head drawn from `seed`."""
     graphdefs = {}
     params = {}
     graphdefs["policy"], params["policy"] = nnx.split(policy)
     if with_critic:
         critic_decoder = nnx.merge(graphdefs["policy"], jax.tree.map(jnp.copy, params["policy"]))
-        graphdefs["critic"], params["critic"] = nnx.split(Critic(critic_decoder))
+        critic = Critic(critic_decoder, jax.random.key(seed))
+        graphdefs["critic"], params["critic"] = nnx.split(critic)
     return graphdefs, TrainState(params=params, opt_state=optimizer.init(params))
 
 
 # ------------------------------------------------------------------------------- losses
 
 
-def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: int, temperature: float):
+def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: int, temperature: float, num_tokens=None):
+    """The algorithm's loss on one micro-batch. `num_tokens` is the divisor of token-mean losses
+    (see `aggregate_loss`); None = this batch's own count of real tokens."""
     policy = nnx.merge(graphdefs["policy"], params["policy"])
     logprobs, entropy = response_logprobs(
         policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"],
@@ -154,17 +169,24 @@ def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: i
             logprobs, batch["old_logprobs"], mask, batch["rewards"], group_size=group_size,
             clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, norm_adv_by_std=algorithm.norm_adv_by_std,
             loss_agg_mode=algorithm.loss_agg_mode, ref_logprobs=batch.get("ref_logprobs"), kl_coef=algorithm.kl_coef,
+            clip_ratio_c=algorithm.clip_ratio_c, num_tokens=num_tokens, seq_norm_divisor=algorithm.seq_norm_divisor,
         )
     elif name == "rloo":
-        loss, metrics = rloo_loss(logprobs, mask, batch["rewards"], group_size=group_size)
+        loss, metrics = rloo_loss(logprobs, mask, batch["rewards"], group_size=group_size, num_tokens=num_tokens)
     elif name == "ppo":
+        aggregation = dict(num_tokens=num_tokens, seq_norm_divisor=algorithm.seq_norm_divisor)
         loss, metrics = ppo_policy_loss(
             logprobs, batch["old_logprobs"], batch["advantages"], mask,
-            algorithm.clip_low, algorithm.clip_high, algorithm.loss_agg_mode,
+            algorithm.clip_low, algorithm.clip_high, algorithm.loss_agg_mode, algorithm.clip_ratio_c, **aggregation,
         )
         critic = nnx.merge(graphdefs["critic"], params["critic"])
         values = critic(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
-        critic_loss, critic_metrics = value_loss(values, batch["old_values"], batch["returns"], mask, algorithm.value_clip)
+        # The critic aggregates like the actor: verl's critic.loss_agg_mode defaults to the actor's
+        # (since verl 2025-05-23, which the authors' code needs), and their PPO run sets only the actor's.
+        critic_loss, critic_metrics = value_loss(
+            values, batch["old_values"], batch["returns"], mask, algorithm.value_clip, algorithm.loss_agg_mode,
+            **aggregation,
+        )
         loss = loss + algorithm.value_coef * critic_loss
         metrics = {**metrics, **critic_metrics}
     else:
@@ -213,8 +235,15 @@ def make_update_fn(
         grad_fn = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
 
         def optimizer_step(state: TrainState, mini_batch):
+            # Token means divide by the mini-batch's real tokens (per micro-batch on average), not each
+            # micro-batch's own: then the mean of the micro-batch gradients is the mini-batch's gradient
+            # however unevenly long and short responses fall into micro-batches.
+            num_tokens = jnp.maximum(jnp.sum(mini_batch["response_mask"]), 1) / micro_batches
+
             def accumulate(grads, micro_batch):
-                (_, metrics), micro_grads = grad_fn(graphdefs, state.params, micro_batch, algorithm, group_size, temperature)
+                (_, metrics), micro_grads = grad_fn(
+                    graphdefs, state.params, micro_batch, algorithm, group_size, temperature, num_tokens
+                )
                 return jax.tree.map(jnp.add, grads, micro_grads), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)

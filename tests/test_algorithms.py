@@ -23,6 +23,7 @@ from pacs_jax.algorithms import (
     value_loss,
 )
 from pacs_jax.algorithms.pacs import sample_weights
+import verl_reference as verl  # tests/verl_reference.py
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -470,3 +471,140 @@ def test_on_policy_grpo_estimator_gradient_is_finite_centring_over_eps():
             dloss_ds = sum((0.5 - rewards[start + i]) * ((i == k) - 0.25) / 1e-6 for i in range(4)) / n
             expected[start + k] = dloss_ds * mask[start + k]
     np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ verl's baselines
+# Against tests/verl_reference.py, a float64 transcription of the verl the authors' baselines ran
+# on: the GRPO and PPO baselines must be the ones the paper compared against, or differ exactly
+# where the README says.
+
+
+def verl_batch(seed, spread=0.4):
+    """make_batch without empty responses (verl's seq-mean-token-mean divides by each length),
+    and with a few tokens whose ratio exceeds 3 so the dual clip binds."""
+    lp, old, mask, rewards = make_batch(seed, spread=spread)
+    mask[:, 0] = 1.0
+    old[::3, 0] = lp[::3, 0] - 1.5  # ratio e^1.5 = 4.5 > clip_ratio_c
+    return lp, old, mask, rewards
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_policy_loss_is_verls_dual_clip_loss(mode):
+    lp, old, mask, _ = verl_batch(seed=21)
+    advantages = np.random.default_rng(21).normal(size=lp.shape)
+    clip_low, clip_high, clip_ratio_c = 0.2, 0.28, 3.0
+    loss_fn = lambda x: ppo_policy_loss(  # noqa: E731
+        x, jnp.asarray(old), jnp.asarray(advantages), jnp.asarray(mask), clip_low, clip_high, mode, clip_ratio_c
+    )
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(lp))
+    ref_loss, clipfrac, ppo_kl, clipfrac_lower = verl.policy_loss(old, lp, advantages, mask, clip_low, clip_high, clip_ratio_c, mode)
+    if mode == "seq-mean-token-sum-norm":
+        ref_loss /= len(mask)  # one verl micro-batch of all N responses: verl's sum is N times our mean
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    np.testing.assert_allclose(metrics["actor/clip_fraction"], clipfrac, **TOL)
+    np.testing.assert_allclose(metrics["actor/approx_kl"], ppo_kl, **TOL)
+    np.testing.assert_allclose(metrics["actor/clip_fraction_lower"], clipfrac_lower, **TOL)
+    assert 0 < clipfrac_lower and 0 < clipfrac < 1  # the dual clip and the ordinary clip both bind
+    # The gradient: -A * ratio where the unclipped term is the loss, 0 where either clip binds,
+    # times each token's weight in the aggregation.
+    ratio = np.exp(lp - old)
+    plain, bounded = -advantages * ratio, -advantages * np.clip(ratio, 1 - clip_low, 1 + clip_high)
+    live = (plain >= bounded) & ~((advantages < 0) & (np.maximum(plain, bounded) > -advantages * clip_ratio_c))
+    lengths = mask.sum(-1, keepdims=True)
+    weight = {"token-mean": mask / mask.sum(), "seq-mean-token-sum": mask / len(mask),
+              "seq-mean-token-mean": mask / (len(mask) * lengths),
+              "seq-mean-token-sum-norm": mask / (len(mask) * mask.shape[1])}[mode]
+    np.testing.assert_allclose(grad, np.where(live, plain, 0.0) * weight, **TOL)
+
+
+def test_dual_clip_turns_off_with_an_infinite_bound_and_rejects_a_bound_at_most_one():
+    lp, old, mask, _ = (jnp.asarray(a) for a in verl_batch(seed=22))
+    advantages = -jnp.ones_like(lp)
+    off, _ = ppo_policy_loss(lp, old, advantages, mask, 0.2, 0.2, "token-mean", float("inf"))
+    ratio = np.exp(np.asarray(lp) - np.asarray(old))
+    np.testing.assert_allclose(off, np_masked_mean(np.maximum(ratio, np.clip(ratio, 0.8, 1.2)), np.asarray(mask)), **TOL)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        ppo_policy_loss(lp, old, advantages, mask, 0.2, 0.2, "token-mean", 1.0)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_value_loss_is_verls(mode):
+    rng = np.random.default_rng(23)
+    _, _, mask, _ = verl_batch(seed=23)
+    old_values = rng.normal(size=mask.shape)
+    values, returns = old_values + rng.normal(0, 0.6, size=mask.shape), rng.normal(size=mask.shape)
+    loss, metrics = value_loss(*(jnp.asarray(a) for a in (values, old_values, returns, mask)), 0.5, mode)
+    ref_loss, clipfrac = verl.value_loss(values, returns, old_values, mask, 0.5, mode)
+    if mode == "seq-mean-token-sum-norm":
+        ref_loss /= len(mask)
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    np.testing.assert_allclose(metrics["critic/clip_fraction"], clipfrac, **TOL)
+    assert 0 < clipfrac < 1
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verls_accumulated_loss_is_ours_with_the_seq_norm_divisor(mode):
+    """verl's update (micro-batches of m responses per GPU, each loss / the accumulation steps,
+    FSDP's mean over ranks) applies our sequence-mode losses, seq-mean-token-sum-norm's with the
+    divisor T / m (the paper configs' seq_norm_divisor). verl v0.4's token-mean averages each
+    micro-batch's own token mean instead; ours is the mini-batch's (README)."""
+    lp, old, mask, _ = verl_batch(seed=27)  # 20 responses of T = 7 tokens, none empty
+    advantages = np.random.default_rng(27).normal(size=lp.shape)
+    rows, length = mask.shape
+    ranks, micro = 2, 5
+    clip = (0.2, 0.28, 3.0)
+
+    def micro_batch_loss(r):
+        return verl.policy_loss(old[r], lp[r], advantages[r], mask[r], *clip, mode)[0]
+
+    expected = verl.accumulated(micro_batch_loss, rows, micro, ranks)
+    ours, _ = ppo_policy_loss(*(jnp.asarray(a) for a in (lp, old, advantages, mask)), clip[0], clip[1], mode, clip[2],
+                              seq_norm_divisor=length / micro)
+    np.testing.assert_allclose(ours, expected, **TOL)
+    if mode == "seq-mean-token-sum-norm":  # without the divisor, ours is verl's / m
+        plain, _ = ppo_policy_loss(*(jnp.asarray(a) for a in (lp, old, advantages, mask)), *clip[:2], mode, clip[2])
+        np.testing.assert_allclose(plain * micro, expected, **TOL)
+
+
+def test_k3_kl_is_verls_low_var_kl_with_its_clamps():
+    from pacs_jax.algorithms.grpo import k3_kl
+
+    rng = np.random.default_rng(24)
+    lp = -rng.exponential(1.0, size=(4, 6))
+    ref = lp + rng.normal(0, 1.0, size=lp.shape)
+    ref[0, :3] = lp[0, :3] + np.array([25.0, 5.0, -30.0])  # past the log-ratio clamp, the KL clamp, both
+    expected = verl.low_var_kl(lp, ref)
+    assert (expected == 10).sum() >= 2
+    np.testing.assert_allclose(k3_kl(jnp.asarray(lp), jnp.asarray(ref)), expected, **TOL)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95)])
+def test_gae_is_verls(gamma, lam):
+    rng = np.random.default_rng(25)
+    _, _, mask, rewards = make_batch(seed=25)  # right-padded, one empty response
+    token_rewards = verl.outcome_token_rewards(rewards, mask)
+    np.testing.assert_array_equal(outcome_token_rewards(jnp.asarray(rewards), jnp.asarray(mask)), token_rewards)
+    values = rng.normal(size=mask.shape) * mask  # verl's critic returns values * mask, as ours
+    advantages, returns = gae(jnp.asarray(token_rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
+    ref_adv, ref_ret = verl.gae(token_rewards, values, mask, gamma, lam)
+    # verl leaves advantages off the mask non-zero (every consumer masks them); ours zeroes them.
+    np.testing.assert_allclose(advantages, ref_adv * mask, **TOL)
+    np.testing.assert_allclose(returns, ref_ret * mask, **TOL)
+    # A hole inside a response (never produced by our sampler): ours is verl's later version,
+    # which carries the value and advantage across it.
+    mask[4, 2] = 0.0
+    values = values * mask
+    advantages, returns = gae(jnp.asarray(token_rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
+    ref_adv, ref_ret = verl.gae_masked_carry(token_rewards, values, mask, gamma, lam)
+    np.testing.assert_allclose(advantages, ref_adv * mask, **TOL)
+    np.testing.assert_allclose(returns, ref_ret * mask, **TOL)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_advantages_are_verls(norm):
+    _, _, mask, rewards = make_batch(seed=26, prompts=6)
+    token_rewards = verl.outcome_token_rewards(rewards, mask)
+    index = np.repeat(np.arange(6), 4)
+    expected = verl.grpo_advantage(token_rewards, mask, index, norm)
+    ours = np.asarray(grpo_advantages(jnp.asarray(rewards), 4, norm))[:, None] * mask
+    np.testing.assert_allclose(ours, expected, **TOL)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models import DecoderConfig, init_decoder
@@ -23,6 +24,7 @@ from pacs_jax.update import (
     make_update_fn,
     response_logprobs,
 )
+import verl_reference as verl  # tests/verl_reference.py
 
 CONFIG = DecoderConfig.from_hf(dict(
     vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -45,7 +47,8 @@ def rollout():
 def run_update(rollout, algorithm, optimizer, mini, micro, seed=0, corrupt=None):
     graphdefs, state = init_train_state(init_decoder(CONFIG, seed=seed), optimizer, algorithm.name == "ppo")
     prepare = make_prepare_fn(graphdefs, algorithm)
-    batch = {**rollout, **prepare(state.params, None, {k: rollout[k] for k in ROLLOUT_KEYS})}
+    reference = nnx.state(init_decoder(CONFIG, seed=5)) if algorithm.kl_coef > 0 else None
+    batch = {**rollout, **prepare(state.params, reference, {k: rollout[k] for k in ROLLOUT_KEYS})}
     if corrupt is not None:
         batch = corrupt(batch)
     update = make_update_fn(graphdefs, optimizer, algorithm, group_size=GROUP, mini_batches=mini, micro_batches=micro)
@@ -56,17 +59,137 @@ def flat(params):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
 
 
-@pytest.mark.parametrize("name", ["pacs", "grpo"])
-def test_gradient_accumulation_equals_one_batch(rollout, name):
-    algorithm = AlgorithmConfig(name=name, loss_agg_mode="seq-mean-token-mean")
-    sgd = optax.multi_transform({"policy": optax.sgd(1.0)}, lambda p: {k: k for k in p})
-    initial = flat(init_train_state(init_decoder(CONFIG, seed=0), sgd, False)[1].params)
-    one, m1 = run_update(rollout, algorithm, sgd, mini=1, micro=1)
-    four, m4 = run_update(rollout, algorithm, sgd, mini=1, micro=4)
-    step_one, step_four = flat(one.params) - initial, flat(four.params) - initial
-    assert np.abs(step_one).max() > 1e-4  # the step is not trivially zero
-    np.testing.assert_allclose(step_four, step_one, atol=1e-5)
-    np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+def uneven_lengths(rollout):
+    """The rollout with response lengths 1-2 in the first half of the rows and 7-8 in the second,
+    so micro-batches hold very different numbers of real tokens."""
+    rows, length = rollout["response_mask"].shape
+    lengths = np.where(np.arange(rows) < rows // 2, 1 + np.arange(rows) % 2, length - np.arange(rows) % 2)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
+    return {**rollout, "response_mask": jnp.asarray(mask)}
+
+
+SGD_BOTH = optax.multi_transform({"policy": optax.sgd(1.0), "critic": optax.sgd(1.0)}, lambda p: {k: k for k in p})
+# PACS and RLOO have one aggregation each (a mean over responses). GRPO runs every mode, with its
+# KL term; PPO (actor and critic share the aggregation code GRPO runs) the default and the paper's.
+ACCUMULATION_CASES = [("pacs", "token-mean"), ("rloo", "token-mean")] + [
+    ("grpo", mode) for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+] + [("ppo", "token-mean"), ("ppo", "seq-mean-token-sum-norm")]
+
+
+@pytest.mark.parametrize("name,mode", ACCUMULATION_CASES)
+def test_accumulated_gradient_equals_the_mini_batch_gradient_with_uneven_lengths(rollout, name, mode):
+    """One micro-batch or two (short responses in one, long in the other) take the same step, for
+    every loss aggregation, GRPO's KL term and PPO's critic."""
+    algorithm = AlgorithmConfig(name=name, loss_agg_mode=mode, kl_coef=0.1 if name == "grpo" else 0.0)
+    batch = uneven_lengths(rollout)
+    initial = flat(init_train_state(init_decoder(CONFIG, seed=0), SGD_BOTH, name == "ppo")[1].params)
+    one, m1 = run_update(batch, algorithm, SGD_BOTH, mini=1, micro=1)
+    two, m2 = run_update(batch, algorithm, SGD_BOTH, mini=1, micro=2)
+    step_one, step_two = flat(one.params) - initial, flat(two.params) - initial
+    assert np.abs(step_one).max() > 1e-4
+    np.testing.assert_allclose(step_two, step_one, rtol=1e-4, atol=1e-6 * np.abs(step_one).max())
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------- the whole update against verl in NumPy
+
+
+def off_policy(batch, seed):
+    """Move the rollout's old log-probs (and PPO's old values) away from what the current weights
+    give, so the ratios, the dual clip and the value clip all bind in the update's one step."""
+    rng = np.random.default_rng(seed)
+    mask = np.asarray(batch["response_mask"], np.float64)
+    shift = rng.normal(0.0, 0.3, mask.shape)
+    shift[::3, :2] = -1.5  # ratio e^1.5 > clip_ratio_c on some tokens
+    out = {**batch, "old_logprobs": jnp.asarray((np.asarray(batch["old_logprobs"]) + shift) * mask, jnp.float32)}
+    if "old_values" in batch:
+        moved = np.asarray(batch["old_values"]) + rng.normal(0.0, 0.6, mask.shape)
+        out["old_values"] = jnp.asarray(moved * mask, jnp.float32)
+    return out
+
+
+def prepared_batch(rollout, algorithm, state, graphdefs, reference=None):
+    prepared = make_prepare_fn(graphdefs, algorithm)(state.params, reference, {k: rollout[k] for k in ROLLOUT_KEYS})
+    return {**rollout, **prepared}
+
+
+def f64(x):
+    return np.asarray(x, np.float64)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_ppo_update_is_verls_ppo_on_the_same_logprobs_and_values(rollout, mode):
+    """The PPO update end to end (GAE inside the update, critic forward, both losses, the critic's
+    gradient) against verl in float64 NumPy, from the update's own log-probs and values. In the
+    paper's mode the divisor T / m makes ours the loss of verl's micro-batches of m responses."""
+    micro = 2
+    rows, length = rollout["response_mask"].shape
+    algorithm = AlgorithmConfig(name="ppo", loss_agg_mode=mode, clip_high=0.28, value_coef=0.7,
+                                seq_norm_divisor=length / (rows // micro) if mode != "token-mean" else 0.0)
+    graphdefs, state = init_train_state(init_decoder(CONFIG, seed=0), SGD_BOTH, True)
+    on_policy = prepared_batch(rollout, algorithm, state, graphdefs)  # the current weights' log-probs and values
+    batch = off_policy(on_policy, seed=3)
+    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=micro)
+    bias_before = float(state.params["critic"]["value_bias"][...])
+    decoder_before = flat(state.params["critic"]["decoder"])
+    new_state, metrics = update(state, batch)
+
+    mask = f64(batch["response_mask"])
+    logprobs, values = f64(on_policy["old_logprobs"]), f64(on_policy["old_values"])
+    old_logprobs, old_values = f64(batch["old_logprobs"]), f64(batch["old_values"])
+    token_rewards = verl.outcome_token_rewards(f64(batch["rewards"]), mask)
+    advantages, returns = verl.gae(token_rewards, old_values, mask, algorithm.gamma, algorithm.lam)
+    per_micro = rows // micro
+    if mode == "token-mean":  # the mini-batch's token mean (verl since its global-token fix)
+        pg = verl.policy_loss(old_logprobs, logprobs, advantages, mask, 0.2, 0.28, 3.0, mode)[0]
+        vf = verl.value_loss(values, returns, old_values, mask, 0.5, mode)[0]
+    else:  # verl's accumulation over micro-batches of per_micro responses on one GPU
+        pg = verl.accumulated(lambda r: verl.policy_loss(old_logprobs[r], logprobs[r], advantages[r], mask[r],
+                                                         0.2, 0.28, 3.0, mode)[0], rows, per_micro)
+        vf = verl.accumulated(lambda r: verl.value_loss(values[r], returns[r], old_values[r], mask[r], 0.5, mode)[0],
+                              rows, per_micro)
+    clipfrac_lower = verl.policy_loss(old_logprobs, logprobs, advantages, mask, 0.2, 0.28, 3.0, mode)[3]
+    vf_clipfrac = verl.value_loss(values, returns, old_values, mask, 0.5, mode)[1]
+    assert clipfrac_lower > 0 and 0 < vf_clipfrac < 1  # the dual clip and the value clip bind
+    tol = dict(rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["actor/pg_loss"]), pg, **tol)
+    np.testing.assert_allclose(float(metrics["critic/value_loss"]), vf, **tol)
+    np.testing.assert_allclose(float(metrics["loss"]), pg + 0.7 * vf, **tol)
+
+    # The critic's gradient: values = (h . w + b) * mask, so d loss / d b = value_coef * sum_t
+    # m_t * d vf / d v_t; the clipped branch has no gradient where the clip binds.
+    weights = mask / mask.sum() if mode == "token-mean" else mask / (rows * algorithm.seq_norm_divisor)
+    clipped = np.clip(values, old_values - 0.5, old_values + 0.5)
+    live = (clipped == values) | ((values - returns) ** 2 > (clipped - returns) ** 2)
+    d_bias = 0.7 * 0.5 * np.sum(weights * 2 * (values - returns) * live)
+    np.testing.assert_allclose(float(new_state.params["critic"]["value_bias"][...]) - bias_before, -d_bias, rtol=2e-4, atol=1e-7)
+    # The value head starts random (verl's score layer), so the critic's decoder learns from step one.
+    assert np.abs(flat(new_state.params["critic"]["decoder"]) - decoder_before).max() > 0
+
+
+def test_grpo_update_with_a_kl_term_is_verls_loss(rollout):
+    """GRPO with kl_coef > 0 end to end: the reference policy's log-probs from the prepare pass,
+    GRPO advantages from the rewards, dual-clip surrogate plus kl_coef * low_var_kl, in NumPy."""
+    algorithm = AlgorithmConfig(name="grpo", kl_coef=0.3, clip_high=0.28)
+    graphdefs, state = init_train_state(init_decoder(CONFIG, seed=0), SGD_BOTH, False)
+    reference = nnx.state(init_decoder(CONFIG, seed=5))
+    on_policy = prepared_batch(rollout, algorithm, state, graphdefs, reference)
+    batch = off_policy(on_policy, seed=4)
+    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=2)
+    _, metrics = update(state, batch)
+
+    mask = f64(batch["response_mask"])
+    logprobs, old_logprobs, ref_logprobs = f64(on_policy["old_logprobs"]), f64(batch["old_logprobs"]), f64(batch["ref_logprobs"])
+    index = np.repeat(np.arange(PROMPTS), GROUP)
+    advantages = verl.grpo_advantage(verl.outcome_token_rewards(f64(batch["rewards"]), mask), mask, index, True)
+    pg, _, _, clipfrac_lower = verl.policy_loss(old_logprobs, logprobs, advantages, mask, 0.2, 0.28, 3.0, "token-mean")
+    kl = verl.agg_loss(verl.low_var_kl(logprobs, ref_logprobs), mask, "token-mean")
+    assert clipfrac_lower > 0 and kl > 1e-3
+    tol = dict(rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["actor/pg_loss"]), pg, **tol)
+    np.testing.assert_allclose(float(metrics["actor/kl_loss"]), kl, **tol)
+    np.testing.assert_allclose(float(metrics["loss"]), pg + 0.3 * kl, **tol)
 
 
 def test_on_policy_first_step_matches_direct_gradient(rollout):

@@ -65,28 +65,44 @@ def masked_whiten(values: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.
     return (values - mean) * jax.lax.rsqrt(variance + eps)
 
 
-def aggregate_loss(loss_mat: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+def aggregate_loss(
+    loss_mat: jax.Array,
+    mask: jax.Array,
+    mode: str,
+    num_tokens: jax.Array | None = None,
+    seq_norm_divisor: float = 0.0,
+) -> jax.Array:
     """Reduce a per-token loss [N, T] to a scalar, counting only tokens where mask is 1.
 
     token-mean:              sum over all tokens / number of real tokens in the batch
     seq-mean-token-sum:      per-response token sum, mean over responses
     seq-mean-token-mean:     per-response token mean, mean over responses (an empty
                              response contributes 0 and still counts in the mean)
-    seq-mean-token-sum-norm: per-response token sum / T (the padded length, a constant, as
-                             in Dr. GRPO), mean over responses. verl's version of this mode
-                             divides the batch's sum by T alone; ours also divides by N so the
-                             loss's scale does not grow with the batch size.
+    seq-mean-token-sum-norm: per-response token sum / D, mean over responses. D is
+                             `seq_norm_divisor`, or T (the padded length, a constant, as in
+                             Dr. GRPO) when it is 0. verl's agg_loss sums over the micro-batch's
+                             responses instead and its accumulation divides by the number of
+                             micro-batches, so verl's loss is ours with D = T / (its micro-batch
+                             size per GPU); the paper configs set D so (README).
+
+    `num_tokens` replaces token-mean's divisor. The update passes the mini-batch's real-token
+    count / the number of micro-batches, so the mean of the micro-batch losses is the
+    mini-batch's token mean however unevenly the tokens fall (each micro-batch's own count
+    would weight a token in a short micro-batch more). The sequence modes need nothing:
+    every micro-batch holds the same number of responses.
     """
     check_option("loss_agg_mode", mode, LOSS_AGG_MODES)
     mask = mask.astype(loss_mat.dtype)
     token_sums = jnp.sum(loss_mat * mask, axis=-1)
     if mode == "token-mean":
-        return jnp.sum(token_sums) / jnp.maximum(jnp.sum(mask), 1)
+        if num_tokens is None:
+            num_tokens = jnp.maximum(jnp.sum(mask), 1)
+        return jnp.sum(token_sums) / num_tokens
     if mode == "seq-mean-token-sum":
         return jnp.mean(token_sums)
     if mode == "seq-mean-token-mean":
         return jnp.mean(token_sums / jnp.maximum(jnp.sum(mask, axis=-1), 1))
-    return jnp.mean(token_sums) / loss_mat.shape[-1]
+    return jnp.mean(token_sums) / (seq_norm_divisor or loss_mat.shape[-1])
 
 
 def by_group(values: jax.Array, group_size: int) -> jax.Array:

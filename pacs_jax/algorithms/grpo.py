@@ -58,9 +58,13 @@ def grpo_loss(
     loss_agg_mode: str = "token-mean",
     ref_logprobs: Optional[jax.Array] = None,
     kl_coef: float = 0.0,
+    clip_ratio_c: float = 3.0,
+    num_tokens: Optional[jax.Array] = None,
+    seq_norm_divisor: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PPO-clip on GRPO advantages (one per response, shared by its tokens), plus
-    kl_coef * aggregate(k3 KL to `ref_logprobs`) when a reference is given."""
+    """verl's dual-clip PPO surrogate on GRPO advantages (one per response, shared by its
+    tokens), plus kl_coef * aggregate(k3 KL to `ref_logprobs`) when a reference is given.
+    `num_tokens`, `seq_norm_divisor`: see `aggregate_loss`."""
     check_option("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
     check_token_arrays(response_mask, logprobs, old_logprobs)
     if ref_logprobs is not None:
@@ -71,14 +75,15 @@ def grpo_loss(
 
     advantages = grpo_advantages(rewards.astype(logprobs.dtype), group_size, norm_adv_by_std)
     pg_loss, metrics = ppo_policy_loss(
-        logprobs, old_logprobs, advantages[:, None], response_mask, clip_low, clip_high, loss_agg_mode
+        logprobs, old_logprobs, advantages[:, None], response_mask, clip_low, clip_high, loss_agg_mode,
+        clip_ratio_c, num_tokens=num_tokens, seq_norm_divisor=seq_norm_divisor,
     )
     loss = pg_loss
     metrics["actor/advantage_abs_mean"] = jnp.mean(jnp.abs(advantages))
     if ref_logprobs is not None:
         mask = response_mask.astype(logprobs.dtype)
         kl = k3_kl(logprobs, ref_logprobs)
-        kl_loss = aggregate_loss(kl, mask, loss_agg_mode)
+        kl_loss = aggregate_loss(kl, mask, loss_agg_mode, num_tokens, seq_norm_divisor)
         loss = loss + kl_coef * kl_loss
         metrics["actor/kl_loss"] = kl_loss
         metrics["actor/ref_kl"] = masked_mean(jax.lax.stop_gradient(kl), mask)

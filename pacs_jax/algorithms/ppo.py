@@ -1,8 +1,10 @@
-"""PPO baseline pieces: outcome rewards on the last token, GAE, the clipped policy loss and
-the clipped value loss (following verl's definitions). Pure functions of arrays.
+"""PPO baseline pieces: outcome rewards on the last token, GAE, the dual-clip policy loss and
+the clipped value loss (verl's core_algos definitions). Pure functions of arrays.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -68,21 +70,35 @@ def ppo_policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     loss_agg_mode: str = "token-mean",
+    clip_ratio_c: float = 3.0,
+    *,
+    num_tokens: Optional[jax.Array] = None,
+    seq_norm_divisor: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped surrogate: max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)),
-    aggregated over masked tokens. advantages: [N, T] (broadcast a per-response [N, 1])."""
+    """verl's dual-clip PPO surrogate, aggregated over masked tokens. Per token:
+    clipped = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)), and where A < 0
+    also min(clipped, -A * clip_ratio_c), so a ratio far above 1 on a bad token cannot make
+    the loss unbounded (Ye et al. 2019). advantages: [N, T] (broadcast a per-response [N, 1]).
+    `num_tokens`, `seq_norm_divisor`: see `aggregate_loss`."""
     check_token_arrays(response_mask, logprobs, old_logprobs)
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (the dual clip's bound on the ratio), got {clip_ratio_c}")
     advantages = jnp.broadcast_to(advantages, logprobs.shape)
     mask = response_mask.astype(logprobs.dtype)
     log_ratio = jnp.clip(logprobs - old_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate_loss(jnp.maximum(unclipped, clipped), mask, loss_agg_mode)
+    clipped_loss = jnp.maximum(unclipped, clipped)
+    dual_bound = -advantages * clip_ratio_c
+    loss_mat = jnp.where(advantages < 0, jnp.minimum(clipped_loss, dual_bound), clipped_loss)
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, num_tokens, seq_norm_divisor)
     stats_log_ratio = jax.lax.stop_gradient(log_ratio)
     metrics = {
         "actor/pg_loss": loss,
         "actor/clip_fraction": masked_mean((clipped > unclipped).astype(mask.dtype), mask),
+        # verl's pg_clipfrac_lower: tokens where the dual clip's bound was the loss.
+        "actor/clip_fraction_lower": masked_mean(((clipped_loss > dual_bound) & (advantages < 0)).astype(mask.dtype), mask),
         # verl's ppo_kl: the k1 estimate of KL(old || current) on the sampled tokens.
         "actor/approx_kl": masked_mean(-stats_log_ratio, mask),
         "actor/ratio_mean": masked_mean(jnp.exp(stats_log_ratio), mask),
@@ -97,15 +113,21 @@ def value_loss(
     response_mask: jax.Array,
     value_clip: float = 0.5,
     loss_agg_mode: str = "token-mean",
+    *,
+    num_tokens: Optional[jax.Array] = None,
+    seq_norm_divisor: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """0.5 * aggregate(max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2)): the critic may
-    not profit from moving its prediction more than `value_clip` from the rollout's values."""
+    """0.5 * aggregate(max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2)), verl's
+    compute_value_loss: the critic may not profit from moving its prediction more than
+    `value_clip` from the rollout's values. `num_tokens`, `seq_norm_divisor`: see `aggregate_loss`."""
     check_token_arrays(response_mask, values, old_values, returns)
     mask = response_mask.astype(values.dtype)
     clipped_values = jnp.clip(values, old_values - value_clip, old_values + value_clip)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * aggregate_loss(jnp.maximum(unclipped_error, clipped_error), mask, loss_agg_mode)
+    loss = 0.5 * aggregate_loss(
+        jnp.maximum(unclipped_error, clipped_error), mask, loss_agg_mode, num_tokens, seq_norm_divisor
+    )
     metrics = {
         "critic/value_loss": loss,
         "critic/clip_fraction": masked_mean((clipped_error > unclipped_error).astype(mask.dtype), mask),

@@ -12,6 +12,8 @@ ignores any constant shift of the rewards, so for w = 1 that is the plain relati
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,7 @@ def rloo_loss(
     *,
     group_size: int,
     loss_agg_mode: str = "seq-mean-token-sum",
+    num_tokens: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """-aggregate(adv_i * logprobs * mask): the REINFORCE loss whose gradient is the RLOO
     policy gradient. The default aggregation makes it beta-proportional to on-policy PACS."""
@@ -48,7 +51,7 @@ def rloo_loss(
     check_groups(rewards, logprobs.shape[0], group_size, min_group_size=2)
     advantages = rloo_advantages(rewards.astype(logprobs.dtype), group_size)
     mask = response_mask.astype(logprobs.dtype)
-    loss = aggregate_loss(-advantages[:, None] * logprobs, mask, loss_agg_mode)
+    loss = aggregate_loss(-advantages[:, None] * logprobs, mask, loss_agg_mode, num_tokens)
     metrics = {
         "actor/pg_loss": loss,
         "actor/advantage_abs_mean": jnp.mean(jnp.abs(advantages)),
