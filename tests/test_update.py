@@ -69,11 +69,12 @@ def uneven_lengths(rollout):
 
 
 SGD_BOTH = optax.multi_transform({"policy": optax.sgd(1.0), "critic": optax.sgd(1.0)}, lambda p: {k: k for k in p})
-# PACS and RLOO have one aggregation each (a mean over responses). GRPO runs every mode, with its
-# KL term; PPO (actor and critic share the aggregation code GRPO runs) the default and the paper's.
+# PACS and RLOO have one aggregation each (a mean over responses; loss_agg_mode is ignored).
+# GRPO (with its KL term) and PPO (actor and critic) run every mode.
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ACCUMULATION_CASES = [("pacs", "token-mean"), ("rloo", "token-mean")] + [
-    ("grpo", mode) for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-] + [("ppo", "token-mean"), ("ppo", "seq-mean-token-sum-norm")]
+    (name, mode) for name in ("grpo", "ppo") for mode in AGG_MODES
+]
 
 
 @pytest.mark.parametrize("name,mode", ACCUMULATION_CASES)
