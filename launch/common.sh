@@ -144,32 +144,75 @@ require_type() {
     die "--type '$1' is not a TPU accelerator type: use e.g. v5litepod-8, v4-8, v5p-64 or v6e-8"
 }
 
-# The TPU VM's state (READY, CREATING, PREEMPTED, TERMINATED, ...), NOT_FOUND, or "(dry run)".
+# How long to wait between tries of a `gcloud ... describe` that failed for another reason than
+# NOT_FOUND (a network blip, a token refresh): DESCRIBE_RETRY_SECONDS, then twice that, ...
+DESCRIBE_TRIES=${PACS_LAUNCH_DESCRIBE_TRIES:-5}
+DESCRIBE_RETRY_SECONDS=${PACS_LAUNCH_RETRY_SECONDS:-10}
+
+# `gcloud compute tpus KIND describe NAME --format=FORMAT` with retries. Prints the value, NOT_FOUND
+# when gcloud says the resource does not exist, or UNKNOWN when every try failed otherwise (the
+# caller must then wait and look again, never delete or recreate on it).
+describe_with_retries() {
+  local kind=$1 name=$2 format=$3 value err try=1 pause=$DESCRIBE_RETRY_SECONDS
+  err="$(mktemp)"
+  while :; do
+    if value="$(gcloud compute tpus "$kind" describe "$name" "${GCLOUD_WHERE[@]}" \
+      --format="$format" 2>"$err")"; then
+      rm -f "$err"
+      echo "${value:-UNKNOWN}"
+      return
+    fi
+    if grep -qE 'NOT_FOUND|was not found|does not exist' "$err"; then
+      rm -f "$err"
+      echo NOT_FOUND
+      return
+    fi
+    if ((try >= DESCRIBE_TRIES)); then
+      note "warning: gcloud compute tpus $kind describe $name failed $try times: $(tail -n 1 "$err")"
+      rm -f "$err"
+      echo UNKNOWN
+      return
+    fi
+    note "  gcloud compute tpus $kind describe $name failed ($(tail -n 1 "$err")); retrying in $pause s"
+    sleep "$pause"
+    try=$((try + 1))
+    pause=$((pause * 2))
+  done
+}
+
+# The TPU VM's state (READY, CREATING, PREEMPTED, TERMINATED, REPAIRING, ...), NOT_FOUND, UNKNOWN
+# (describe kept failing), or "(dry run)".
 tpu_state() {
-  local state
   if ((DRY_RUN)); then
     run gcloud compute tpus tpu-vm describe "$1" "${GCLOUD_WHERE[@]}" --format='value(state)'
     echo "(dry run)"
     return
   fi
-  state="$(gcloud compute tpus tpu-vm describe "$1" "${GCLOUD_WHERE[@]}" \
-    --format='value(state)' 2>/dev/null)" || state=""
-  echo "${state:-NOT_FOUND}"
+  describe_with_retries tpu-vm "$1" 'value(state)'
 }
 
-# The queued resource's state (ACCEPTED, PROVISIONING, ACTIVE, SUSPENDED, FAILED, ...), NOT_FOUND,
-# or "(dry run)".
+# The queued resource's state (ACCEPTED, PROVISIONING, WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED,
+# FAILED, ...), NOT_FOUND, UNKNOWN, or "(dry run)".
 queued_state() {
-  local state
   if ((DRY_RUN)); then
     run gcloud compute tpus queued-resources describe "$1" "${GCLOUD_WHERE[@]}" \
       --format='value(state.state)'
     echo "(dry run)"
     return
   fi
-  state="$(gcloud compute tpus queued-resources describe "$1" "${GCLOUD_WHERE[@]}" \
-    --format='value(state.state)' 2>/dev/null)" || state=""
-  echo "${state:-NOT_FOUND}"
+  describe_with_retries queued-resources "$1" 'value(state.state)'
+}
+
+# What a state means for a loop that keeps a VM alive: "ok" (READY / ACTIVE), "wait" (it is on its
+# way there or back: creating, repairing, restarting, queued for capacity, or describe kept
+# failing), or "gone" (preempted, terminated, suspended, failed, deleted: only a new VM helps).
+state_kind() {
+  case $1 in
+    READY | ACTIVE) echo ok ;;
+    CREATING | STARTING | RESTARTING | REPAIRING | REIMAGING | UNHIDING | ACCEPTED | PROVISIONING | \
+      WAITING_FOR_RESOURCES | UNKNOWN | "(dry run)") echo wait ;;
+    *) echo gone ;; # PREEMPTED TERMINATED STOPPED STOPPING DELETING HIDDEN SUSPENDING SUSPENDED FAILED NOT_FOUND
+  esac
 }
 
 # Files to ship: tracked and untracked-but-not-ignored ones (no .git, runs/, caches, weights).
@@ -188,13 +231,17 @@ pack_repo() {
       done |
       tar -czf "$out" -C "$REPO_ROOT" --null -T -
   else
-    tar -czf "$out" -C "$REPO_ROOT" --exclude=.git --exclude=runs --exclude=__pycache__ \
-      --exclude='*.egg-info' .
+    # Top-level names without a leading ./, as git's listing has them.
+    (cd "$REPO_ROOT" && find . -mindepth 1 -maxdepth 1 ! -name .git ! -name runs ! -name models \
+      ! -name '*.egg-info' -printf '%P\0' |
+      tar -czf "$out" --exclude=__pycache__ --null -T -)
   fi
 }
 
-# Copy the working tree to $REMOTE_CODE on every worker (replacing the old copy, so files deleted
-# here disappear there too). Needs require_cloud first.
+# Copy the working tree to $REMOTE_CODE on every worker (tpu_worker.sh sync, taken from the new
+# copy itself): the run going on there is stopped first (gracefully, so it saves), and only files
+# an earlier sync shipped and the working tree no longer has are deleted; anything else in that
+# folder (a models/ folder, runs/) stays. Needs require_cloud first.
 sync_code() {
   local name=$1 tarball
   tarball="${TMPDIR:-/tmp}/pacs_jax_code.$$.tar.gz"
@@ -203,8 +250,7 @@ sync_code() {
   run gcloud compute tpus tpu-vm scp "$tarball" "$name:pacs_jax_code.tar.gz" \
     --worker=all "${GCLOUD_WHERE[@]}"
   run gcloud compute tpus tpu-vm ssh "$name" --worker=all "${GCLOUD_WHERE[@]}" \
-    --command="set -e; rm -rf $REMOTE_CODE.new; mkdir -p $REMOTE_CODE.new; \
-tar -xzf \$HOME/pacs_jax_code.tar.gz -C $REMOTE_CODE.new; rm -rf $REMOTE_CODE; \
-mv $REMOTE_CODE.new $REMOTE_CODE"
+    --command="set -e; tar -xzOf \$HOME/pacs_jax_code.tar.gz launch/tpu_worker.sh > \$HOME/.pacs_jax_sync.sh; \
+PACS_JAX_STOP_GRACE=${PACS_JAX_STOP_GRACE:-600} bash \$HOME/.pacs_jax_sync.sh sync \$HOME/pacs_jax_code.tar.gz"
   ((DRY_RUN)) || rm -f "$tarball"
 }

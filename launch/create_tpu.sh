@@ -9,6 +9,9 @@ usage() {
   cat <<'EOF'
 Usage: launch/create_tpu.sh --name NAME --type TYPE [--zone ZONE] [--project PROJECT]
                             [--spot] [--queued] [--runtime-version VERSION]
+                            [--reserved] [--network NET] [--subnetwork SUBNET] [--internal-ips]
+                            [--service-account EMAIL] [--scopes SCOPES] [--labels K=V,...]
+                            [--metadata K=V,...] [--tags TAG,...] [--gcloud-flag FLAG ...]
                             [--wait-timeout SECONDS] [--dry-run]
 
   --name             TPU VM name (lower-case letters, digits, '-')
@@ -18,12 +21,23 @@ Usage: launch/create_tpu.sh --name NAME --type TYPE [--zone ZONE] [--project PRO
   --queued           request through a queued resource (waits for capacity; combine with --spot)
   --runtime-version  TPU software image (default by type: v2-alpha-tpuv5-lite for v5litepod,
                      v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e, tpu-ubuntu2204-base for v2-v4)
+  --reserved         use the project's reservation (committed capacity) in this zone
+  --network, --subnetwork, --internal-ips
+                     VPC placement; --internal-ips gives no external IP (then ssh needs IAP or a VM
+                     in the same network, and the subnet needs Private Google Access for gs://)
+  --service-account  the VMs' identity: it must read the weights/data and write the run's bucket
+                     (roles/storage.objectAdmin on it); --scopes defaults to cloud-platform with it
+  --labels, --metadata, --tags
+                     passed to gcloud as they are (e.g. --labels team=rl,run=pacs)
+  --gcloud-flag      any other create flag, passed as it is (repeatable), e.g.
+                     --gcloud-flag=--boot-disk=size=200GB
   --wait-timeout     queued mode: give up waiting for READY after this many seconds (default 86400)
   --dry-run          print the gcloud commands (one per line, prefixed "+ ") instead of running them
 EOF
 }
 
-NAME="" TYPE="" RUNTIME="" SPOT=0 QUEUED=0 WAIT_TIMEOUT=86400
+NAME="" TYPE="" RUNTIME="" SPOT=0 QUEUED=0 WAIT_TIMEOUT=86400 SCOPES=""
+EXTRA=()
 while (($#)); do
   case $1 in
     --name) need_value "$@"; NAME=$2; shift 2 ;;
@@ -32,6 +46,14 @@ while (($#)); do
     --project) need_value "$@"; PROJECT_FLAG=$2; shift 2 ;;
     --runtime-version) need_value "$@"; RUNTIME=$2; shift 2 ;;
     --wait-timeout) need_value "$@"; WAIT_TIMEOUT=$2; shift 2 ;;
+    --network | --subnetwork | --service-account | --labels | --metadata | --tags)
+      need_value "$@"; EXTRA+=("$1=$2"); shift 2 ;;
+    --scopes) need_value "$@"; SCOPES=$2; shift 2 ;;
+    --reserved | --internal-ips) EXTRA+=("$1"); shift ;;
+    --gcloud-flag=*) EXTRA+=("${1#--gcloud-flag=}"); shift ;;
+    --gcloud-flag)
+      [[ $# -ge 2 && $2 == --* ]] || die "--gcloud-flag needs a gcloud flag, e.g. --gcloud-flag=--boot-disk=size=200GB"
+      EXTRA+=("$2"); shift 2 ;;
     --spot) SPOT=1; shift ;;
     --queued) QUEUED=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -39,6 +61,11 @@ while (($#)); do
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
+if [[ -n $SCOPES ]]; then
+  EXTRA+=("--scopes=$SCOPES")
+elif [[ " ${EXTRA[*]-} " == *" --service-account="* ]]; then
+  EXTRA+=(--scopes=cloud-platform)
+fi
 
 require_name "$NAME"
 require_type "$TYPE"
@@ -55,12 +82,12 @@ $( ((SPOT)) && echo spot || echo on-demand)$( ((QUEUED)) && echo ', queued'), in
 if ((!QUEUED)); then
   # Returns once the VM is READY (or failed).
   run gcloud compute tpus tpu-vm create "$NAME" "${GCLOUD_WHERE[@]}" \
-    --accelerator-type="$TYPE" --version="$RUNTIME" ${SPOT_FLAG[@]+"${SPOT_FLAG[@]}"}
+    --accelerator-type="$TYPE" --version="$RUNTIME" ${SPOT_FLAG[@]+"${SPOT_FLAG[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
   exit 0
 fi
 
 run gcloud compute tpus queued-resources create "$NAME" "${GCLOUD_WHERE[@]}" --node-id="$NAME" \
-  --accelerator-type="$TYPE" --runtime-version="$RUNTIME" ${SPOT_FLAG[@]+"${SPOT_FLAG[@]}"}
+  --accelerator-type="$TYPE" --runtime-version="$RUNTIME" ${SPOT_FLAG[@]+"${SPOT_FLAG[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
 
 if ((DRY_RUN)); then
   queued_state "$NAME" >/dev/null
@@ -69,7 +96,7 @@ if ((DRY_RUN)); then
   exit 0
 fi
 
-note "Waiting for capacity (the queued resource goes ACCEPTED -> PROVISIONING -> ACTIVE) ..."
+note "Waiting for capacity (the queued resource goes WAITING_FOR_RESOURCES -> PROVISIONING -> ACTIVE) ..."
 start=$SECONDS
 while :; do
   qstate="$(queued_state "$NAME")"
@@ -85,6 +112,6 @@ $NAME --zone=$ZONE_ID --project=$PROJECT_ID', then delete it with launch/delete_
   ((SECONDS - start < WAIT_TIMEOUT)) ||
     die "$NAME still $qstate after $WAIT_TIMEOUT s; it stays queued: delete it with launch/delete_tpu.sh --queued"
   note "  $(date -u +%TZ) $qstate"
-  sleep 30
+  sleep "${PACS_LAUNCH_POLL_SECONDS:-30}"
 done
 note "$NAME is READY"

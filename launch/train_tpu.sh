@@ -9,13 +9,16 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 usage() {
   cat <<'EOF'
 Usage: launch/train_tpu.sh --name NAME --config CFG [--zone ZONE] [--project PROJECT]
-                           [--run-dir gs://BUCKET/runs/RUN] [--no-sync] [--detach] [--dry-run]
+                           [--run-dir gs://BUCKET/runs/RUN] [--no-sync] [--detach]
+                           [--stop-grace SECONDS] [--dry-run]
                            [--] [key=value ...]
 
   --config     training config, a path inside this repository (it is copied to the workers)
   --run-dir    sets trainer.run_dir; use gs://... so metrics and checkpoints outlive the VM
   --no-sync    do not copy the working tree to the workers first (setup_tpu.sh did)
   --detach     return once training has started instead of streaming worker 0's log
+  --stop-grace a run already going on the VM is stopped first: SIGTERM, then this many seconds
+               to finish its step and save before SIGKILL (default 600)
   --dry-run    print the gcloud commands (one per line, prefixed "+ ") instead of running them
   key=value    config overrides, passed to the trainer (e.g. algorithm.beta=2.0)
 
@@ -24,7 +27,7 @@ launch/watch_tpu.sh --name NAME. Starting again stops the previous run on that V
 EOF
 }
 
-NAME="" CONFIG="" RUN_DIR="" SYNC=1 DETACH=0
+NAME="" CONFIG="" RUN_DIR="" SYNC=1 DETACH=0 STOP_GRACE=600
 OVERRIDES=()
 while (($#)); do
   case $1 in
@@ -35,6 +38,7 @@ while (($#)); do
     --project) need_value "$@"; PROJECT_FLAG=$2; shift 2 ;;
     --no-sync) SYNC=0; shift ;;
     --detach) DETACH=1; shift ;;
+    --stop-grace) need_value "$@"; STOP_GRACE=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; OVERRIDES+=("$@"); break ;;
@@ -48,16 +52,18 @@ require_config "$CONFIG"
 for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
   [[ $override == *=* ]] || die "override '$override' must look like section.key=value"
 done
+[[ $STOP_GRACE =~ ^[0-9]+$ ]] || die "--stop-grace must be a number of seconds, got '$STOP_GRACE'"
 [[ -z $RUN_DIR ]] || OVERRIDES+=("trainer.run_dir=$RUN_DIR")
 require_cloud
 
-((SYNC)) && sync_code "$NAME"
+# The sync stops the run going on there first (gracefully), as `start` does.
+((SYNC)) && PACS_JAX_STOP_GRACE=$STOP_GRACE sync_code "$NAME"
 
 # printf %q quotes each argument for the worker's bash, so values with spaces survive ssh.
 train_args="$(printf ' %q' --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"})"
 note "Starting training on every worker of $NAME ..."
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_WHERE[@]}" \
-  --command="$REMOTE_WORKER start $REMOTE_VENV/bin/python -m pacs_jax train$train_args"
+  --command="PACS_JAX_STOP_GRACE=$STOP_GRACE $REMOTE_WORKER start $REMOTE_VENV/bin/python -m pacs_jax train$train_args"
 
 if ((DETACH)); then
   note "Training runs in the background; watch it with launch/watch_tpu.sh --name $NAME"

@@ -168,11 +168,17 @@ def test_setup_runs_on_every_worker(env):
     assert "--worker=all" in scp and scp[6] == "pacs-v5p:pacs_jax_code.tar.gz"
     ssh = gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh")
     assert len(ssh) == 2 and all("--worker=all" in call and "pacs-v5p" in call for call in ssh)
-    assert "tar -xzf $HOME/pacs_jax_code.tar.gz" in remote_command(ssh[0])
+    assert "sync $HOME/pacs_jax_code.tar.gz" in remote_command(ssh[0])
     install = remote_command(ssh[1])
-    # The project and jax[tpu] into the worker's Python 3.11 venv.
+    # The project with its pins and jax[tpu], then gcsfs (gs://) and datasets, into a Python 3.11 venv.
     assert "uv venv --seed --python 3.11 $HOME/pacs_venv" in install
-    assert '$HOME/pacs_venv/bin/python -m pip install -q -e . "jax[tpu]"' in install
+    assert "$HOME/pacs_venv/bin/python -m pip install -q -c constraints.txt -e '.[tpu]'" in install
+    assert "$HOME/pacs_venv/bin/python -m pip install -q -r launch/requirements-worker.txt" in install
+    requirements = (LAUNCH / "requirements-worker.txt").read_text()
+    assert "gcsfs==" in requirements and "datasets==" in requirements
+    hook = run(env, "setup_tpu.sh", "--name", "pacs-v5p", *WHERE, "--dry-run", "--setup-command", "bash fetch.sh")
+    assert remote_command(gcloud_calls(hook, "compute", "tpus", "tpu-vm", "ssh")[1]).endswith(
+        "cd $HOME/pacs_jax; PATH=$HOME/pacs_venv/bin:$PATH; bash fetch.sh")
 
 
 def test_train_multi_host_starts_on_all_workers_and_streams_worker_0(env):
@@ -185,8 +191,9 @@ def test_train_multi_host_starts_on_all_workers_and_streams_worker_0(env):
     assert len(start) == 1 and "--worker=all" in start[0]
     # Split as the worker's bash will: the override with spaces stays one argument.
     argv = shlex.split(remote_command(start[0]))
-    assert argv[:4] == ["bash", "$HOME/pacs_jax/launch/tpu_worker.sh", "start", "$HOME/pacs_venv/bin/python"]
-    assert argv[4:] == ["-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml", "algorithm.beta=2.0",
+    assert argv[:5] == ["PACS_JAX_STOP_GRACE=600", "bash", "$HOME/pacs_jax/launch/tpu_worker.sh", "start",
+                        "$HOME/pacs_venv/bin/python"]
+    assert argv[5:] == ["-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml", "algorithm.beta=2.0",
                         "data.instruction= Think step by step.", "trainer.run_dir=gs://bucket/runs/beta2"]
     follow = ssh[-1]
     assert "--worker=0" in follow and remote_command(follow).endswith("tpu_worker.sh follow")
@@ -243,7 +250,7 @@ def test_spot_loop_one_pass(env, tpu_type, queued):
     assert "--spot" in create and f"--accelerator-type={tpu_type}" in create
     ssh = gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh")
     assert all("--worker=all" in c for c in ssh)
-    assert any('"jax[tpu]"' in remote_command(c) for c in ssh)
+    assert any("-e '.[tpu]'" in remote_command(c) for c in ssh)
     [start] = [c for c in ssh if "tpu_worker.sh start" in remote_command(c)]
     assert shlex.split(remote_command(start))[-4:] == [
         "configs/debug_cpu.yaml", "algorithm.beta=2.0", "trainer.resume=auto", "trainer.run_dir=gs://bucket/runs/spot"]
@@ -355,6 +362,342 @@ def test_tpu_worker_start_follow_status_stop(env, tmp_path):
     assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == f"running {pid}\n"
     assert (tmp_path / "state" / "train.log.1").is_file()  # the previous log is kept
     assert run(env, "tpu_worker.sh", "stop", extra_env=worker_env).returncode == 0
-    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == "killed\n"
+    # python's default SIGTERM action ends it; the run records that (128 + 15).
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == "exited 143\n"
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
+
+
+# ---------------------------------------------------------------------------- a fake gcloud
+
+FAKE_GCLOUD = r'''#!/usr/bin/env bash
+# A stand-in for gcloud: records every call (one per line, arguments separated by a tab) in
+# $FAKE/calls and answers from queues in $FAKE: tpu_states and queued_states for describe (a
+# state, ERROR for a failure, NOT_FOUND), done for `storage ls` (yes / no), status for the
+# worker status over ssh, tail for the log's end; a queue's last line is repeated once it is the
+# only one left. $FAKE/fail_create makes create fail.
+set -u
+(IFS=$'\t'; printf '%s\n' "$*") >> "$FAKE/calls"
+pop() {
+  local file=$FAKE/$1 first
+  [[ -s $file ]] || { echo "${2:-}"; return; }
+  first="$(head -n 1 "$file")"
+  if (( $(wc -l < "$file") > 1 )); then tail -n +2 "$file" > "$file.tmp" && mv "$file.tmp" "$file"; fi
+  echo "$first"
+}
+describe() {
+  local value
+  value="$(pop "$1" NOT_FOUND)"
+  case $value in
+    ERROR) echo "ERROR: (gcloud) There was a problem refreshing your current auth tokens" >&2; exit 1 ;;
+    NOT_FOUND) echo "ERROR: (gcloud) NOT_FOUND: Resource 'projects/p/locations/z/nodes/x' was not found" >&2; exit 1 ;;
+    *) echo "$value" ;;
+  esac
+}
+case "$*" in
+  "compute tpus tpu-vm describe"*) describe tpu_states ;;
+  "compute tpus queued-resources describe"*) describe queued_states ;;
+  "compute tpus "*" create"*) [[ -e $FAKE/fail_create ]] && exit 1; exit 0 ;;
+  "storage ls"*) [[ "$(pop done no)" == yes ]] && echo "$3" && exit 0; exit 1 ;;
+  "compute tpus tpu-vm ssh"*"tpu_worker.sh status"*) pop status none ;;
+  "compute tpus tpu-vm ssh"*"tpu_worker.sh tail"*) cat "$FAKE/tail" 2>/dev/null ;;
+  "config get-value"*) exit 0 ;;
+  *) exit 0 ;;
+esac
+'''
+
+
+@pytest.fixture
+def fake(env, tmp_path):
+    """(env with a fake gcloud first on PATH, the folder holding its queues and its call log)."""
+    folder = tmp_path / "fake"
+    (folder / "bin").mkdir(parents=True)
+    gcloud = folder / "bin" / "gcloud"
+    gcloud.write_text(FAKE_GCLOUD)
+    gcloud.chmod(0o755)
+    (folder / "calls").write_text("")
+    fake_env = {**env, "PATH": f"{folder / 'bin'}{os.pathsep}{env['PATH']}", "FAKE": str(folder),
+                "PACS_LAUNCH_RETRY_SECONDS": "0", "PACS_LAUNCH_POLL_SECONDS": "0"}
+    return fake_env, folder
+
+
+def queue(folder: Path, name: str, *values: str) -> None:
+    (folder / name).write_text("".join(v + "\n" for v in values))
+
+
+def calls(folder: Path, *prefix: str) -> list[list[str]]:
+    rows = [line.split("\t") for line in (folder / "calls").read_text().splitlines()]
+    return [r for r in rows if r[: len(prefix)] == list(prefix)]
+
+
+def creates(folder):
+    return calls(folder, "compute", "tpus", "tpu-vm", "create") + calls(folder, "compute", "tpus", "queued-resources", "create")
+
+
+def deletes(folder):
+    return calls(folder, "compute", "tpus", "tpu-vm", "delete") + calls(folder, "compute", "tpus", "queued-resources", "delete")
+
+
+def worker_starts(folder):
+    return [c for c in calls(folder, "compute", "tpus", "tpu-vm", "ssh") if "tpu_worker.sh start" in c[-1]]
+
+
+def setups(folder):
+    return [c for c in calls(folder, "compute", "tpus", "tpu-vm", "ssh") if "pip install" in c[-1]]
+
+
+SPOT = ["--name", "pacs-spot", "--type", "v5p-64", *WHERE, "--config", "configs/debug_cpu.yaml",
+        "--run-dir", "gs://bucket/runs/spot", "--poll-seconds", "0"]
+
+
+def spot_loop(fake_env, *args):
+    return subprocess.run(["bash", str(LAUNCH / "spot_loop.sh"), *SPOT, *args], capture_output=True, text=True,
+                          env=fake_env, cwd=REPO, timeout=120)
+
+
+def test_describe_errors_are_retried_not_taken_for_a_deleted_vm(fake):
+    """A READY VM whose describe fails twice (a token refresh) is not recreated; the run goes on."""
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY", "ERROR", "ERROR", "READY", "READY")
+    queue(folder, "status", "running 42", "running 42")
+    queue(folder, "done", "no", "no", "no", "no", "yes")
+    result = spot_loop(fake_env)
+    assert result.returncode == 0, result.stderr
+    assert len(creates(folder)) == 1 and len(setups(folder)) == 1 and len(worker_starts(folder)) == 1
+    assert "retrying in 0 s" in result.stderr
+    # Done: the VM it created is deleted, once.
+    assert len(deletes(folder)) == 1
+
+
+def test_describe_that_keeps_failing_waits_instead_of_acting(fake):
+    fake_env, folder = fake
+    # NOT_FOUND at the start, then created and READY, then 5 failed describes (UNKNOWN), then READY.
+    queue(folder, "tpu_states", "NOT_FOUND", "READY", *["ERROR"] * 5, "READY")
+    queue(folder, "status", "running 42")
+    queue(folder, "done", "no", "no", "no", "no", "yes")
+    result = spot_loop(fake_env)
+    assert result.returncode == 0, result.stderr
+    assert "failed 5 times" in result.stderr and "is UNKNOWN: waiting" in result.stderr
+    assert len(creates(folder)) == 1 and len(deletes(folder)) == 1
+
+
+@pytest.mark.parametrize("transient", ["REPAIRING", "RESTARTING", "CREATING"])
+def test_transient_states_are_waited_out(fake, transient):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY", transient, transient, "READY", "READY")
+    # After the VM restarted, the run is gone ("killed"): started again, with no new VM or setup.
+    queue(folder, "status", "killed", "running 7")
+    queue(folder, "done", "no", "no", "no", "no", "no", "no", "yes")
+    result = spot_loop(fake_env)
+    assert result.returncode == 0, result.stderr
+    assert f"pacs-spot is {transient}: waiting" in result.stderr
+    assert len(creates(folder)) == 1 and len(setups(folder)) == 1
+    assert len(worker_starts(folder)) == 2
+    assert len(deletes(folder)) == 1  # only the final one
+
+
+def test_queued_resource_waiting_for_capacity_is_not_requeued(fake):
+    fake_env, folder = fake
+    queue(folder, "queued_states", "NOT_FOUND", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE")
+    queue(folder, "tpu_states", "READY")
+    queue(folder, "status", "running 1")
+    queue(folder, "done", "no", "no", "no", "no", "no", "yes")
+    result = spot_loop(fake_env, "--queued")
+    assert result.returncode == 0, result.stderr
+    assert "WAITING_FOR_RESOURCES" in result.stderr and "PROVISIONING" in result.stderr
+    assert len(calls(folder, "compute", "tpus", "queued-resources", "create")) == 1
+    assert calls(folder, "compute", "tpus", "queued-resources", "delete")[0][-2:] == ["--force", "--quiet"]
+
+
+def test_preempted_vm_is_recreated_and_resumed(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY", "READY", "PREEMPTED", "READY")
+    queue(folder, "status", "running 1", "running 2")
+    queue(folder, "done", "no", "no", "no", "no", "no", "no", "yes")
+    result = spot_loop(fake_env)
+    assert result.returncode == 0, result.stderr
+    assert "Restart 1/20 (VM PREEMPTED)" in result.stderr
+    assert len(creates(folder)) == 2 and len(setups(folder)) == 2 and len(worker_starts(folder)) == 2
+    # The preempted VM, then the finished one.
+    assert len(deletes(folder)) == 2
+    start = worker_starts(folder)[-1][-1]
+    assert "trainer.resume=auto" in start and "trainer.run_dir=gs://bucket/runs/spot" in start
+
+
+def test_graceful_stop_resumes_without_counting_a_crash(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY")
+    queue(folder, "status", "exited 0", "exited 0", "running 3")
+    queue(folder, "done", *["no"] * 8, "yes")
+    result = spot_loop(fake_env, "--max-crashes", "1")
+    assert result.returncode == 0, result.stderr
+    assert "stopped after saving, without DONE" in result.stderr
+    assert len(creates(folder)) == 1 and len(setups(folder)) == 1 and len(worker_starts(folder)) == 3
+
+
+def test_repeated_identical_crash_stops_the_loop_with_the_log(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY")
+    queue(folder, "status", "exited 1")
+    queue(folder, "done", "no")
+    (folder / "tail").write_text("step 3 ...\nRESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1G\n"
+                                 "=== 2026-12-02T10:00:00Z exited with status 1\n")
+    result = spot_loop(fake_env, "--max-crashes", "3")
+    assert result.returncode != 0
+    assert "failed 3 times in a row the same way" in result.stderr
+    assert "RESOURCE_EXHAUSTED: Out of memory" in result.stderr  # the log's end is shown
+    # One VM, one setup, three starts; the VM is left for inspection.
+    assert len(creates(folder)) == 1 and len(setups(folder)) == 1 and len(worker_starts(folder)) == 3
+    assert deletes(folder) == []
+
+
+def test_config_error_stops_at_once(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY")
+    queue(folder, "status", "exited 2")
+    queue(folder, "done", "no")
+    (folder / "tail").write_text("error: trainer.prompts_per_step=30 must be divisible by ...\n")
+    result = spot_loop(fake_env)
+    assert result.returncode != 0 and "rejected its config" in result.stderr
+    assert "trainer.prompts_per_step=30" in result.stderr
+    assert len(worker_starts(folder)) == 1 and deletes(folder) == []
+
+
+def test_loop_never_touches_a_vm_it_did_not_create(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "PREEMPTED")
+    queue(folder, "done", "no")
+    result = spot_loop(fake_env)
+    assert result.returncode != 0 and "did not create it: pass --adopt" in result.stderr
+    assert creates(folder) == [] and deletes(folder) == []
+
+
+def test_adopted_vm_is_used_and_replaced(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "READY", "READY", "READY")
+    queue(folder, "status", "running 5")
+    queue(folder, "done", "no", "no", "no", "yes")
+    result = spot_loop(fake_env, "--adopt", "--keep")
+    assert result.returncode == 0, result.stderr
+    assert creates(folder) == [] and len(setups(folder)) == 1
+    assert deletes(folder) == []  # --keep
+
+
+def test_delete_asks_unless_yes(fake):
+    fake_env, folder = fake
+    no_terminal = subprocess.run(["bash", str(LAUNCH / "delete_tpu.sh"), "--name", "t1", *WHERE], capture_output=True,
+                                 text=True, env=fake_env, cwd=REPO, stdin=subprocess.DEVNULL, timeout=60)
+    assert no_terminal.returncode != 0 and "pass --yes" in no_terminal.stderr
+    assert deletes(folder) == []
+    yes = subprocess.run(["bash", str(LAUNCH / "delete_tpu.sh"), "--name", "t1", *WHERE, "--yes"], capture_output=True,
+                         text=True, env=fake_env, cwd=REPO, stdin=subprocess.DEVNULL, timeout=60)
+    assert yes.returncode == 0, yes.stderr
+    assert deletes(folder) == [["compute", "tpus", "tpu-vm", "delete", "t1", *GCLOUD_WHERE, "--quiet"]]
+
+
+def test_create_passes_common_options_through(env):
+    result = run(env, "create_tpu.sh", "--name", "pacs-v5p", "--type", "v5p-64", *WHERE, "--reserved",
+                 "--network", "vpc1", "--subnetwork", "sub1", "--internal-ips", "--service-account",
+                 "tpu@my-proj.iam.gserviceaccount.com", "--labels", "team=rl,run=pacs", "--metadata", "k=v",
+                 "--tags", "tpu", "--gcloud-flag=--boot-disk=size=200GB", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    [create] = gcloud_calls(result, "compute", "tpus", "tpu-vm", "create")
+    for flag in ["--reserved", "--network=vpc1", "--subnetwork=sub1", "--internal-ips",
+                 "--service-account=tpu@my-proj.iam.gserviceaccount.com", "--scopes=cloud-platform",
+                 "--labels=team=rl,run=pacs", "--metadata=k=v", "--tags=tpu", "--boot-disk=size=200GB"]:
+        assert flag in create, flag
+    queued = run(env, "create_tpu.sh", "--name", "q", "--type", "v5p-64", *WHERE, "--queued", "--spot",
+                 "--service-account", "sa@p.iam.gserviceaccount.com", "--scopes", "storage-full", "--dry-run")
+    [create] = gcloud_calls(queued, "compute", "tpus", "queued-resources", "create")
+    assert "--service-account=sa@p.iam.gserviceaccount.com" in create and "--scopes=storage-full" in create
+
+
+# ---------------------------------------------------------------------------- the worker side, for real
+
+
+def test_tpu_worker_stop_gives_the_trainer_its_grace_period(env, tmp_path):
+    """SIGTERM reaches only the trainer, which may take its time to save; its child processes
+    (the reward pool) live until it is done; SIGKILL only after the grace period."""
+    worker_env = {"PACS_JAX_CODE_DIR": str(tmp_path), "PACS_JAX_STATE_DIR": str(tmp_path / "state")}
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(
+        "import signal, subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        "def stop(*_):\n"
+        "    time.sleep(2)  # finishing the step and saving\n"
+        "    print('child alive at save:', child.poll() is None, flush=True)\n"
+        "    child.kill(); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('training', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    started = run(env, "tpu_worker.sh", "start", "python3", str(trainer), extra_env=worker_env)
+    assert started.returncode == 0, started.stderr
+    log = tmp_path / "state" / "train.log"
+    for _ in range(100):
+        if "training" in log.read_text():
+            break
+        import time
+        time.sleep(0.1)
+    stopped = run(env, "tpu_worker.sh", "stop", "30", extra_env=worker_env)
+    assert stopped.returncode == 0, stopped.stderr
+    text = log.read_text()
+    assert "child alive at save: True" in text and "exited with status 0" in text
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == "exited 0\n"
+    assert "SIGKILL after 30 s" in stopped.stdout and "still running" not in stopped.stderr
+
+
+def test_tpu_worker_stop_kills_after_the_grace_period(env, tmp_path):
+    worker_env = {"PACS_JAX_CODE_DIR": str(tmp_path), "PACS_JAX_STATE_DIR": str(tmp_path / "state")}
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    run(env, "tpu_worker.sh", "start", "python3", "-c", stubborn, extra_env=worker_env)
+    import time
+    time.sleep(1)
+    stopped = run(env, "tpu_worker.sh", "stop", "1", extra_env=worker_env)
+    assert stopped.returncode == 0 and "still running after 1 s: SIGKILL" in stopped.stderr
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout == "killed\n"
+
+
+def test_code_sync_deletes_only_the_code_it_shipped(env, tmp_path):
+    """The sync a worker runs (tpu_worker.sh sync): models/ and runs/ in the code folder survive,
+    a file removed from the working tree goes, and the run going on is stopped before any file changes."""
+    code = tmp_path / "pacs_jax"
+    worker_env = {"PACS_JAX_CODE_DIR": str(code), "PACS_JAX_STATE_DIR": str(tmp_path / "state")}
+
+    def archive(files: dict) -> Path:
+        src = tmp_path / "src"
+        shutil.rmtree(src, ignore_errors=True)
+        for name, text in files.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(text)
+        out = tmp_path / "code.tar.gz"
+        with tarfile.open(out, "w:gz") as tar:
+            for name in files:
+                tar.add(src / name, arcname=name)
+        return out
+
+    first = archive({"pacs_jax/a.py": "a1", "pacs_jax/old.py": "old", "launch/tpu_worker.sh": "x"})
+    assert run(env, "tpu_worker.sh", "sync", str(first), extra_env=worker_env).returncode == 0
+    (code / "models" / "Qwen").mkdir(parents=True)
+    (code / "models" / "Qwen" / "model.safetensors").write_text("weights")
+    (code / "runs" / "debug").mkdir(parents=True)
+    (code / "runs" / "debug" / "metrics.jsonl").write_text("{}")
+    # A run going on in the code folder: stopped (and its exit recorded) before the files change.
+    run(env, "tpu_worker.sh", "start", "bash", "-c", "echo up; sleep 300", extra_env=worker_env)
+    second = archive({"pacs_jax/a.py": "a2", "launch/tpu_worker.sh": "x", "pacs_jax/new.py": "new"})
+    synced = run(env, "tpu_worker.sh", "sync", str(second), extra_env={**worker_env, "PACS_JAX_STOP_GRACE": "5"})
+    assert synced.returncode == 0, synced.stderr
+    assert "stopping pid" in synced.stdout
+    assert run(env, "tpu_worker.sh", "status", extra_env=worker_env).stdout.split()[0] in ("exited", "killed")
+    assert (code / "pacs_jax" / "a.py").read_text() == "a2" and (code / "pacs_jax" / "new.py").is_file()
+    assert not (code / "pacs_jax" / "old.py").exists()
+    assert (code / "models" / "Qwen" / "model.safetensors").read_text() == "weights"
+    assert (code / "runs" / "debug" / "metrics.jsonl").is_file()
+
+
+def test_sync_command_takes_the_new_worker_script_from_the_archive(env):
+    result = run(env, "setup_tpu.sh", "--name", "pacs-v5p", *WHERE, "--dry-run")
+    ssh = gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh")
+    sync = remote_command(ssh[0])
+    assert "tar -xzOf $HOME/pacs_jax_code.tar.gz launch/tpu_worker.sh" in sync
+    assert "sync $HOME/pacs_jax_code.tar.gz" in sync and "rm -rf" not in sync
