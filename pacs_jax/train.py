@@ -123,7 +123,8 @@ def train(config: Config) -> dict:
     # Everything that can be wrong with the inputs is checked here, before anything compiles.
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path or "", config.model.chat_template)
     train_examples = load_examples(config.data.train, config, tokenizer, "train")
-    val_sets = {name: load_examples(src, config, tokenizer, name) for name, src in config.data.val.items()}
+    # Validation files are read only when something validates (they may exist only where it does).
+    val_sets = {name: load_examples(src, config, tokenizer, name) for name, src in config.data.val.items()} if t.eval_every else {}
     if config.sft.steps and any(not e.solution for e in train_examples):
         raise ConfigError(f"sft.steps={config.sft.steps} needs reference solutions, which {config.data.train} does not provide")
     policy = load_policy(config, tokenizer)

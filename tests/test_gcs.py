@@ -1,0 +1,82 @@
+"""gs:// model and data paths: copied once per machine into the cache, through a fake `gcloud`
+on PATH that serves a folder as the bucket and records its calls."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pacs_jax import gcs
+from pacs_jax.config import ConfigError, load_config
+
+FAKE_GCLOUD = r'''#!/usr/bin/env bash
+# gcloud storage cp -r gs://BUCKET/PATH DEST/ from the folder $FAKE_BUCKETS; every call recorded.
+echo "$*" >> "$FAKE_BUCKETS/calls"
+[[ $1 == storage && $2 == cp && $3 == -r ]] || exit 3
+src="$FAKE_BUCKETS/${4#gs://}"
+[[ -e $src ]] || { echo "ERROR: (gcloud.storage.cp) The following URLs matched no objects or files: $4" >&2; exit 1; }
+cp -r "$src" "$5"
+'''
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    root = tmp_path / "buckets"
+    (root / "b" / "models" / "tiny").mkdir(parents=True)
+    (root / "b" / "models" / "tiny" / "config.json").write_text("{}")
+    (root / "b" / "data").mkdir()
+    (root / "b" / "data" / "train.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    (root / "b" / "data" / "val.jsonl").write_text('{"problem": "2+2", "answer": "4"}\n')
+    (root / "calls").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_BUCKETS", str(root))
+    monkeypatch.setenv("PACS_JAX_CACHE", str(tmp_path / "cache"))
+    return root
+
+
+def copies(root: Path) -> list[str]:
+    return (root / "calls").read_text().splitlines()
+
+
+def test_inputs_copied_once_per_machine(bucket, tmp_path):
+    overrides = ["model.path=gs://b/models/tiny", "data.train=gs://b/data/train.jsonl",
+                 "data.val={v: gs://b/data/val.jsonl}"]
+    config = load_config(None, overrides)
+    staged = gcs.stage_inputs(config)
+    cache = tmp_path / "cache" / "gcs" / "b"
+    assert staged.model.path == str(cache / "models" / "tiny")
+    assert (cache / "models" / "tiny" / "config.json").read_text() == "{}"
+    assert staged.data.train == str(cache / "data" / "train.jsonl")
+    assert Path(staged.data.train).read_text().startswith('{"problem": "1+1"')
+    # Validation is off (trainer.eval_every=0): its files are not fetched.
+    assert staged.data.val == {"v": "gs://b/data/val.jsonl"}
+    assert len(copies(bucket)) == 2
+    # A second start on the same machine (a resumed run) copies nothing.
+    assert gcs.stage_inputs(config) == staged
+    assert len(copies(bucket)) == 2
+
+    validating = load_config(None, [*overrides, "trainer.eval_every=10"])
+    assert gcs.stage_inputs(validating).data.val == {"v": str(cache / "data" / "val.jsonl")}
+    assert len(copies(bucket)) == 3
+
+
+def test_interrupted_copy_is_fetched_again(bucket, tmp_path):
+    dest = tmp_path / "cache" / "gcs" / "b" / "models" / "tiny"
+    dest.mkdir(parents=True)  # a copy cut short: no .complete marker
+    assert gcs.local_copy("gs://b/models/tiny", "model.path") == dest
+    assert (dest / "config.json").is_file() and len(copies(bucket)) == 1
+
+
+def test_missing_object_names_the_key(bucket):
+    with pytest.raises(ConfigError, match=r"model.path=gs://b/models/nope: copying it failed .*matched no objects"):
+        gcs.stage_inputs(load_config(None, ["model.path=gs://b/models/nope"]))
+
+
+def test_no_gcloud_names_the_key(bucket, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="data.train=gs://b/data/train.jsonl needs the gcloud CLI"):
+        gcs.stage_inputs(load_config(None, ["model.tokenizer=char", "model.arch={hidden_size: 8}", "data.train=gs://b/data/train.jsonl"]))
