@@ -225,8 +225,9 @@ class Checkpointer:
             raise RuntimeError(
                 f"none of the checkpoints in {self.directory} (steps {sorted(bad)}) restores; last error: "
                 f"{type(last_error).__name__}: {_first_line(last_error)}. If the model or optimizer changed "
-                "since they were written, start a fresh run directory (trainer.run_dir) or set "
-                "trainer.resume=never."
+                "since they were written, start a fresh run directory (trainer.run_dir), or set "
+                "trainer.resume=never to start over here (the earlier checkpoints and logs are moved "
+                "into folders named replaced-<time>, nothing is deleted)."
             ) from last_error
         return None
 
@@ -243,6 +244,24 @@ class Checkpointer:
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("pacs_jax_checkpoint_quarantine")
         self._manager.reload()
+
+    def move_aside(self, name: str) -> epath.Path | None:
+        """Move every step into `<directory>/<name>/`, where Orbax no longer lists them (a name
+        that is not an integer), so a new run can start at step 0 without deleting anything.
+        Returns that folder, or None when there was no step. Every process must call it."""
+        steps = self.all_steps()
+        if not steps:
+            return None
+        self.wait()
+        aside = self.directory / name
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                (self.directory / str(step)).rename(aside / str(step))
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("pacs_jax_checkpoint_move_aside")
+        self._manager.reload()
+        return aside
 
     # ------------------------------------------------------------------ lifetime
 

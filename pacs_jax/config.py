@@ -185,8 +185,19 @@ class TrainerConfig:
     save_every: int = 50
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step's checkpoint (0 = off)
+    # "auto": continue from the newest checkpoint that restores. "never": start over; an earlier
+    # run's checkpoints and logs in these directories are moved into folders named replaced-<time>.
     resume: Literal["auto", "never"] = "auto"
-    eval_every: int = 0  # 0 = no periodic validation (uses data.val and the eval section)
+    eval_every: int = 0  # 0 = no periodic validation on data.val
+    # Also validate the starting policy (after the SFT warm-up) before the first RL step, logged
+    # as step 0 (the authors' val_before_train). Needs data.val.
+    val_before_train: bool = False
+    # How validation samples: "greedy" (temperature 0, one response per problem: the authors'
+    # in-training validation) or "eval" (the eval section's sampling, eval.n_samples each, pass@k).
+    val_sampling: Literal["greedy", "eval"] = "greedy"
+    # Every N-th step, write that step's training generations to run_dir/rollouts/train_<step>.jsonl;
+    # each validation then writes its own to rollouts/val_<step>.jsonl (0 = off).
+    dump_rollouts_every: int = 0
     # Where checkpoints go: "" = run_dir/checkpoints. May be gs://bucket/... (Orbax writes there).
     checkpoint_dir: str = ""
     export_hf: str = ""  # export the final policy to this HF folder
@@ -418,7 +429,16 @@ def validate(config: Config) -> None:
     _require(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}")
     _require(e.temperature >= 0, f"eval.temperature must be >= 0, got {e.temperature}")
     _require(e.prompts_per_batch >= 1, f"eval.prompts_per_batch must be >= 1, got {e.prompts_per_batch}")
+    _require(t.eval_every >= 0, f"trainer.eval_every must be >= 0 (0 = no periodic validation), got {t.eval_every}")
     _require(t.eval_every == 0 or bool(config.data.val), "trainer.eval_every > 0 needs validation sets in data.val")
+    _require(
+        not t.val_before_train or bool(config.data.val),
+        "trainer.val_before_train=true needs validation sets in data.val (name: source); or set it to false",
+    )
+    _require(
+        t.dump_rollouts_every >= 0,
+        f"trainer.dump_rollouts_every must be >= 0 (every N-th step's generations; 0 = off), got {t.dump_rollouts_every}",
+    )
     _require(config.sft.steps >= 0 and config.sft.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1")
     _require(config.data.max_prompt_tokens > 0, "data.max_prompt_tokens must be > 0")
     _require(

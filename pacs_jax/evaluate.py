@@ -53,11 +53,20 @@ def _check_samples(samples, examples, n_samples: int) -> None:
             raise ValueError(f"sample_fn returned {len(responses)} responses for example {index}, expected {n_samples}")
 
 
-def evaluate(examples: Sequence, sample_fn: SampleFn, pool, n_samples: int, out_dir: Optional[str | os.PathLike] = None) -> dict:
+def evaluate(
+    examples: Sequence,
+    sample_fn: SampleFn,
+    pool,
+    n_samples: int,
+    out_dir: Optional[str | os.PathLike] = None,
+    rollouts_path: Optional[str | os.PathLike] = None,
+    **rollout_fields,
+) -> dict:
     """Sample `n_samples` responses per example, score them with `pool` (a VerifierPool), and
     return {"sources": {source: {pass@k..., accuracy, response_length/mean, format_ok, ...}},
     "reward/timeouts", "reward/errors", "time/sample_s", "time/score_s"}; with `out_dir`,
-    also write eval_metrics.json and eval_rollouts.jsonl there."""
+    also write eval_metrics.json and eval_rollouts.jsonl there; with `rollouts_path`, only the
+    rollouts, to that file, each line also holding `rollout_fields` (e.g. step=50)."""
     if n_samples < 1:
         raise ValueError(f"n_samples (trainer.eval_samples) must be >= 1, got {n_samples}")
     if not examples:
@@ -101,6 +110,8 @@ def evaluate(examples: Sequence, sample_fn: SampleFn, pool, n_samples: int, out_
     }
     if out_dir is not None:
         _write_reports(Path(out_dir), result, examples, samples, scores, n_samples)
+    if rollouts_path is not None:
+        write_rollouts(rollouts_path, examples, samples, scores, n_samples, **rollout_fields)
     return result
 
 
@@ -118,19 +129,30 @@ def _write_reports(out_dir: Path, result: dict, examples, samples, scores, n_sam
     tmp = metrics_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(metrics_path)
-    rollouts_path = out_dir / "eval_rollouts.jsonl"
-    tmp = rollouts_path.with_suffix(".jsonl.tmp")
+    write_rollouts(out_dir / "eval_rollouts.jsonl", examples, samples, scores, n_samples)
+
+
+def write_rollouts(path: str | os.PathLike, examples, samples, scores, n_samples: int, **fields) -> None:
+    """One JSON line per response: `fields` (e.g. the training step), source, problem, prompt,
+    answer, sample index, response, response_length, score. `samples[i]` holds example i's
+    `n_samples` (text, length) pairs and `scores` is flat, example-major."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary name first, so a reader never sees a half-written file.
+    tmp = path.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as out:
         for index, example in enumerate(examples):
             for sample, (text, length) in enumerate(samples[index]):
                 line = {
+                    **fields,
                     "source": example.source,
                     "problem": example.problem,
+                    "prompt": example.prompt_text,
                     "answer": example.answer,
                     "sample": sample,
                     "response": text,
                     "response_length": int(length),
-                    "score": scores[index * n_samples + sample],
+                    "score": float(scores[index * n_samples + sample]),
                 }
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
-    tmp.replace(rollouts_path)
+    tmp.replace(path)

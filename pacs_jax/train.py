@@ -124,7 +124,8 @@ def train(config: Config) -> dict:
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path or "", config.model.chat_template)
     train_examples = load_examples(config.data.train, config, tokenizer, "train")
     # Validation files are read only when something validates (they may exist only where it does).
-    val_sets = {name: load_examples(src, config, tokenizer, name) for name, src in config.data.val.items()} if t.eval_every else {}
+    validating = bool(t.eval_every) or t.val_before_train
+    val_sets = {name: load_examples(src, config, tokenizer, name) for name, src in config.data.val.items()} if validating else {}
     if config.sft.steps and any(not e.solution for e in train_examples):
         raise ConfigError(f"sft.steps={config.sft.steps} needs reference solutions, which {config.data.train} does not provide")
     policy = load_policy(config, tokenizer)
@@ -133,6 +134,10 @@ def train(config: Config) -> dict:
         mesh, policy.config, t.prompts_per_step, r.group_size, mini_batches=t.mini_batches, micro_batches=t.micro_batches
     )
 
+    checkpoint_dir = t.checkpoint_dir or f"{t.run_dir.rstrip('/')}/checkpoints"
+    checkpointer = Checkpointer(checkpoint_dir, keep_last=t.keep_last, keep_every=t.keep_every, save_every=max(t.save_every, 1))
+    if t.resume == "never":
+        _move_earlier_run_aside(checkpointer, t.run_dir, run_dir, main)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _download_logs(t.run_dir, run_dir)
@@ -145,8 +150,6 @@ def train(config: Config) -> dict:
     state = jax.device_put(state, state_sharding)
     needs_reference = algorithm.name == "grpo" and algorithm.kl_coef > 0
 
-    checkpoint_dir = t.checkpoint_dir or f"{t.run_dir.rstrip('/')}/checkpoints"
-    checkpointer = Checkpointer(checkpoint_dir, keep_last=t.keep_last, keep_every=t.keep_every, save_every=max(t.save_every, 1))
     logger = MetricsLogger(run_dir, t.total_steps, tensorboard=t.tensorboard, wandb=t.wandb,
                            wandb_project=t.wandb_project, config=to_dict(config), is_main_process=main)
     stream = PromptStream(train_examples, seed=t.seed, shuffle=config.data.shuffle)
@@ -161,14 +164,15 @@ def train(config: Config) -> dict:
         state, reference = restored.train_state["train"], restored.train_state.get("reference")
         stream.restore(restored.meta["data"])
         start_step = restored.step
-        logger.truncate_after(start_step)
+        # Step 0 has no training record, only the validation before training, which runs again.
+        logger.truncate_after(start_step if start_step > 0 else -1)
         log.info("resumed from %s step %d", checkpoint_dir, start_step)
     else:
         if config.sft.steps:
             state = _warm_up(config, graphdefs, state, train_examples, tokenizer, logger, state_sharding)
         if needs_reference:
             reference = jax.tree.map(jnp.copy, state.params["policy"])
-        checkpointer.save(0, _checkpoint_tree(state, reference), _meta(0, stream, config), force=True)
+        checkpointer.save(0, _checkpoint_tree(state, reference), _meta(0, stream.state(), config), force=True)
 
     if main and start_step < t.total_steps:
         for folder in {t.run_dir, checkpoint_dir}:  # a DONE from a shorter earlier run is stale
@@ -183,8 +187,13 @@ def train(config: Config) -> dict:
     )
     pool = VerifierPool.from_config(config.reward)
     step, state_valid = start_step, True
+    # The newest step whose update has finished and the data position after it: what a failure
+    # saves, so that a rerun takes a step that failed half-way again from its start.
+    complete = (start_step, stream.state())
     try:
         with StopRequest() as stop, jax.set_mesh(mesh):
+            if t.val_before_train and start_step == 0:
+                logger.log(0, _validate(config, graphdefs, state, val_sets, tokenizer, pool, 0, run_dir, main))
             while step < t.total_steps and stop.signal_name is None:
                 step += 1
                 timer = time.perf_counter()
@@ -213,6 +222,7 @@ def train(config: Config) -> dict:
                 state, update_metrics = update(state, {**rollout_arrays, **extras, "rewards": rewards})
                 update_metrics = jax.device_get(update_metrics)
                 state_valid = True
+                complete = (step, stream.state())
                 step_s = time.perf_counter() - timer
 
                 lengths = response_mask.sum(axis=1)
@@ -230,24 +240,33 @@ def train(config: Config) -> dict:
                     "tokens_per_s": float(lengths.sum()) / rollout_s,
                     "data/epoch": stream.epoch,
                 }
+                if main and t.dump_rollouts_every and step % t.dump_rollouts_every == 0:
+                    _dump_train_rollouts(run_dir, step, examples, tokenizer, response_ids, response_mask, scores, r.group_size)
                 if t.eval_every and step % t.eval_every == 0:
-                    metrics.update(_validate(config, graphdefs, state, val_sets, tokenizer, pool, step, mesh))
+                    metrics.update(_validate(config, graphdefs, state, val_sets, tokenizer, pool, step, run_dir, main))
                 logger.log(step, metrics)
                 if t.save_every and step % t.save_every == 0 or step == t.total_steps or stop.signal_name:
-                    checkpointer.save(step, _checkpoint_tree(state, reference), _meta(step, stream, config, metrics), force=True)
+                    checkpointer.save(step, _checkpoint_tree(state, reference), _meta(step, stream.state(), config, metrics), force=True)
                     _upload_logs(run_dir, t.run_dir, main)
             if stop.signal_name:
                 checkpointer.wait()
                 _say(main, f"stopped by {stop.signal_name} after step {step}; checkpoint saved in {checkpoint_dir}. "
                      f"Run the same command again (trainer.resume=auto) to continue.")
     except BaseException:
-        # Nothing already trained is lost: save the last complete step if the state still exists.
-        if state_valid and step > start_step and step not in checkpointer.all_steps():
+        # Nothing already trained is lost: save the newest complete step (its update finished),
+        # with the data position after it, if the state still exists (the update donates it).
+        # A step that failed before its update leaves no trace, so a rerun takes it again.
+        done_step, data_position = complete
+        if state_valid and done_step > start_step:
             try:
-                checkpointer.wait()
-                checkpointer.save(step, _checkpoint_tree(state, reference), _meta(step, stream, config), force=True)
-                checkpointer.wait()
-                log.error("training failed after step %d; saved that step to %s before exiting", step, checkpoint_dir)
+                try:
+                    checkpointer.wait()  # an in-flight save of done_step lands, or its error is spent
+                except Exception:  # noqa: BLE001 -- that step is then not listed and is saved below
+                    pass
+                if done_step not in checkpointer.all_steps():
+                    checkpointer.save(done_step, _checkpoint_tree(state, reference), _meta(done_step, data_position, config), force=True)
+                    checkpointer.wait()
+                    log.error("training failed after step %d; saved that step to %s before exiting", done_step, checkpoint_dir)
             except Exception as save_error:  # noqa: BLE001 -- report the original error, not this one
                 log.error("could not save after the failure: %s", save_error)
         raise
@@ -325,8 +344,8 @@ def _checkpoint_tree(state: TrainState, reference) -> dict:
     return tree
 
 
-def _meta(step: int, stream: PromptStream, config: Config, metrics: Optional[dict] = None) -> dict:
-    meta = {"step": step, "data": stream.state(), "seed": config.trainer.seed, "config": to_dict(config)}
+def _meta(step: int, data_position: dict, config: Config, metrics: Optional[dict] = None) -> dict:
+    meta = {"step": step, "data": data_position, "seed": config.trainer.seed, "config": to_dict(config)}
     if metrics:
         meta["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
     return meta
@@ -356,14 +375,56 @@ def _warm_up(config: Config, graphdefs, state: TrainState, examples, tokenizer, 
     return TrainState(params={**state.params, "policy": params}, opt_state=state.opt_state)
 
 
-def _validate(config: Config, graphdefs, state: TrainState, val_sets, tokenizer, pool, step: int, mesh) -> dict:
+def _validate(config: Config, graphdefs, state: TrainState, val_sets, tokenizer, pool, step: int, run_dir: Path, main: bool) -> dict:
+    """Validation metrics (`val/...`): greedy, one response per problem, or the eval section's
+    sampling (trainer.val_sampling); the generations go to rollouts/val_<step>.jsonl when dumping."""
     from pacs_jax.evaluate import evaluate, flatten_metrics
 
+    greedy = config.trainer.val_sampling == "greedy"
     policy_split = (graphdefs["policy"], state.params["policy"])
-    sample_fn = make_sample_fn(config, tokenizer, policy_split, jax.random.key(config.trainer.seed + 10**6 + step))
+    sample_fn = make_sample_fn(config, tokenizer, policy_split, jax.random.key(config.trainer.seed + 10**6 + step), greedy=greedy)
     limit = config.eval.max_problems or None
     examples = [e for examples in val_sets.values() for e in examples[:limit]]
-    return flatten_metrics(evaluate(examples, sample_fn, pool, config.eval.n_samples), prefix="val/")
+    dump = main and config.trainer.dump_rollouts_every > 0
+    result = evaluate(examples, sample_fn, pool, 1 if greedy else config.eval.n_samples,
+                      rollouts_path=run_dir / ROLLOUTS_DIR / f"val_{step:06d}.jsonl" if dump else None, step=step)
+    return flatten_metrics(result, prefix="val/")
+
+
+ROLLOUTS_DIR = "rollouts"
+
+
+def _dump_train_rollouts(run_dir: Path, step: int, examples, tokenizer, response_ids, response_mask, scores, group_size: int) -> None:
+    """This step's prompts, responses and rewards as rollouts/train_<step>.jsonl (all processes' rows)."""
+    from pacs_jax.evaluate import write_rollouts
+
+    texts = decode_responses(tokenizer, response_ids, response_mask)
+    lengths = response_mask.sum(axis=1)
+    samples = [[(texts[row], lengths[row]) for row in range(i * group_size, (i + 1) * group_size)] for i in range(len(examples))]
+    write_rollouts(run_dir / ROLLOUTS_DIR / f"train_{step:06d}.jsonl", examples, samples, scores, group_size, step=step)
+
+
+# What an earlier run left in a run directory; trainer.resume=never moves these aside.
+RUN_FILES = ("metrics.jsonl", "config.yaml", "tensorboard", "plots", ROLLOUTS_DIR, "DONE", "wandb_run_id")
+
+
+def _move_earlier_run_aside(checkpointer: Checkpointer, run_dir: str, local_dir: Path, main: bool) -> None:
+    """trainer.resume=never: start over without deleting anything. Checkpoint steps move into
+    <checkpoint_dir>/replaced-<time>/, the earlier run's logs into <run_dir>/replaced-<time>/."""
+    name = f"replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    moved = [checkpointer.move_aside(name)]
+    if main:
+        folders = {epath.Path(run_dir), epath.Path(local_dir), epath.Path(checkpointer.directory)}
+        for folder in folders:  # a gs:// run also has its remote copies of the logs
+            present = [folder / item for item in RUN_FILES if (folder / item).exists()]
+            if present:
+                (folder / name).mkdir(parents=True, exist_ok=True)
+                for path in present:
+                    path.rename(folder / name / path.name)
+                moved.append(folder / name)
+    moved = sorted({str(path) for path in moved if path is not None})
+    if moved:
+        _say(main, f"trainer.resume=never: starting over; the earlier run is kept in {', '.join(moved)}")
 
 
 def restore_policy(config: Config, checkpoint_dir: str, step: Optional[int] = None):
@@ -378,11 +439,13 @@ def restore_policy(config: Config, checkpoint_dir: str, step: Optional[int] = No
     return nnx.merge(graphdefs["policy"], tree["train"].params["policy"]), tokenizer
 
 
-def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key):
-    """sample_fn(examples, n) -> per example n (text, length) pairs, with the eval sampling settings,
-    in fixed-size batches (the last one padded with repeats) so every batch reuses one program."""
+def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key, greedy: bool = False):
+    """sample_fn(examples, n) -> per example n (text, length) pairs, with the eval sampling settings
+    (greedy: temperature 0), in fixed-size batches (the last one padded with repeats) so every
+    batch reuses one program."""
     e = config.eval
-    sampling = SamplingParams(e.max_new_tokens, e.temperature, e.top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id,
+    temperature, top_p = (0.0, 1.0) if greedy else (e.temperature, e.top_p)
+    sampling = SamplingParams(e.max_new_tokens, temperature, top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id,
                               **config.rollout.engine_options())
 
     def sample_fn(examples: list[Example], n_samples: int):

@@ -193,3 +193,62 @@ def test_grpo_with_kl_resumes_exactly(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3]
     assert_same_metrics(read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split"))
     assert_same_policy(straight, tmp_path / "straight" / "checkpoints", resumed, tmp_path / "split" / "checkpoints", 3)
+
+
+def test_resume_never_starts_over_and_keeps_the_earlier_run(tmp_path):
+    first = tiny_config(tmp_path / "first", "trainer.total_steps=2", "trainer.save_every=1")
+    train(first)
+    train(tiny_config(tmp_path, "trainer.total_steps=2", "trainer.save_every=1"))
+    earlier_metrics = (tmp_path / "metrics.jsonl").read_text()
+    # A changed model no longer restores; the error recommends resume=never, which must then work.
+    wider = ["model.arch={hidden_size: 64, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, tie_word_embeddings: true}"]
+    with pytest.raises(RuntimeError, match="trainer.resume=never"):
+        train(tiny_config(tmp_path, "trainer.total_steps=2", "trainer.save_every=1", *wider))
+    config = tiny_config(tmp_path, "trainer.total_steps=2", "trainer.save_every=1", "trainer.resume=never")
+    assert train(config)["step"] == 2
+    # Started over: its own steps only, and the same result as a run in an empty directory.
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert_same_metrics(read_metrics(tmp_path / "first"), read_metrics(tmp_path))
+    assert_same_policy(first, tmp_path / "first" / "checkpoints", config, tmp_path / "checkpoints", 2)
+    with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+        assert checkpointer.all_steps() == [0, 1, 2]
+    # Nothing was deleted: the earlier run's checkpoints and logs are in replaced-<time> folders.
+    (old_checkpoints,) = (tmp_path / "checkpoints").glob("replaced-*")
+    assert sorted(p.name for p in old_checkpoints.iterdir()) == ["0", "1", "2", "DONE"]
+    (old_logs,) = tmp_path.glob("replaced-*")
+    assert (old_logs / "metrics.jsonl").read_text() == earlier_metrics and (old_logs / "DONE").is_file()
+    with Checkpointer(old_checkpoints) as checkpointer:  # and they still restore
+        assert checkpointer.latest_step() == 2
+
+
+def test_greedy_validation_is_the_argmax_continuation(tmp_path):
+    """trainer.val_sampling=greedy (the default): one response per problem, temperature 0. The
+    dumped responses equal a greedy decode by full forward passes (no KV cache) in a Python loop."""
+    from pacs_jax.train import load_examples
+
+    config = tiny_config(
+        tmp_path, "trainer.total_steps=1", "trainer.eval_every=1", "trainer.dump_rollouts_every=1",
+        "data.val={val: 'synthetic:arithmetic?seed=3&size=4'}", "eval.max_new_tokens=6", "eval.prompts_per_batch=4",
+        "eval.n_samples=8", "eval.temperature=1.0",  # both ignored by greedy validation
+    )
+    train(config)
+    record = read_metrics(tmp_path)[0]
+    assert record["val/val/n_samples"] == 1 and "val/val/pass@2" not in record
+    lines = [json.loads(line) for line in (tmp_path / "rollouts" / "val_000001.jsonl").read_text().splitlines()]
+    policy, tokenizer = restore_policy(config, str(tmp_path / "checkpoints"), 1)
+    examples = load_examples(config.data.val["val"], config, tokenizer, "val")
+    assert [line["problem"] for line in lines] == [e.problem for e in examples]
+    for line, example in zip(lines, examples):
+        ids = list(example.prompt_ids)
+        response = []
+        for _ in range(config.eval.max_new_tokens):
+            logits = np.asarray(policy(jax.numpy.asarray([ids])))[0, -1]
+            token = int(np.argmax(logits))
+            response.append(token)
+            ids.append(token)
+            if token in tokenizer.eos_ids:
+                break
+        stop = response[:-1] if response[-1] in tokenizer.eos_ids else response
+        assert line["response"] == tokenizer.decode(stop), line
+        assert line["response_length"] == len(response)
+    assert record["val/val/accuracy"] == pytest.approx(np.mean([line["score"] for line in lines]))
