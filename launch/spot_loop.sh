@@ -188,7 +188,7 @@ unless --keep), or choose another --name"
 fi
 
 if ((DRY_RUN)); then
-  recreate_vm "$state"
+  ((ADOPT)) || recreate_vm "$state" # --adopt: the VM is there (a real run creates it only when it is gone)
   bash "$LAUNCH_DIR/setup_tpu.sh" "${WHERE_ARGS[@]}" ${SETUP_ARGS[@]+"${SETUP_ARGS[@]}"}
   start_training
   note "(dry run: one pass shown; a real run now checks every $POLL s for $RUN_DIR/DONE,"

@@ -701,3 +701,61 @@ def test_sync_command_takes_the_new_worker_script_from_the_archive(env):
     sync = remote_command(ssh[0])
     assert "tar -xzOf $HOME/pacs_jax_code.tar.gz launch/tpu_worker.sh" in sync
     assert "sync $HOME/pacs_jax_code.tar.gz" in sync and "rm -rf" not in sync
+
+
+# ---------------------------------------------------------------------------- the whole recipe
+
+
+RECIPE = ["--bucket", "gs://my-bucket", "--name", "pacs-7b", "--service-account", "tpu@my-proj.iam.gserviceaccount.com",
+          *WHERE]
+
+
+def test_paper_recipe_dry_run_prints_every_command_in_order(env):
+    result = run(env, "paper_recipe.sh", *RECIPE, "--dry-run", "trainer.total_steps=300")
+    assert result.returncode == 0, result.stderr
+    steps = [c for c in printed(result) if c[0] != "git"]
+
+    def first(*prefix, after=-1, containing=""):
+        for i, c in enumerate(steps):
+            if i > after and c[: len(prefix)] == list(prefix) and containing in " ".join(c):
+                return i
+        raise AssertionError(f"{prefix} {containing!r} not found after step {after}: {steps}")
+
+    bucket = first("gcloud", "storage", "buckets", "create", "gs://my-bucket")
+    assert "--location=us-west4" in steps[bucket]
+    iam = first("gcloud", "storage", "buckets", "add-iam-policy-binding", after=bucket)
+    assert "--member=serviceAccount:tpu@my-proj.iam.gserviceaccount.com" in steps[iam]
+    assert "--role=roles/storage.objectAdmin" in steps[iam]
+    download = first("huggingface-cli", "download", "Qwen/Qwen2.5-7B", after=iam)
+    upload = first("gcloud", "storage", "cp", "-r", after=download, containing="gs://my-bucket/models/")
+    create = first("gcloud", "compute", "tpus", "tpu-vm", "create", "pacs-7b", after=upload)
+    assert "--accelerator-type=v5p-64" in steps[create] and "--spot" in steps[create]
+    assert "--service-account=tpu@my-proj.iam.gserviceaccount.com" in steps[create]
+    sync = first("gcloud", "compute", "tpus", "tpu-vm", "ssh", after=create, containing="sync")
+    install = first("gcloud", "compute", "tpus", "tpu-vm", "ssh", after=sync, containing="pip install")
+    smoke = first("gcloud", "compute", "tpus", "tpu-vm", "ssh", after=install, containing="tpu_worker.sh start")
+    assert "--config configs/debug_cpu.yaml" in remote_command(steps[smoke])
+    assert "trainer.run_dir=gs://my-bucket/runs/smoke-pacs-7b" in remote_command(steps[smoke])
+    follow = first("gcloud", "compute", "tpus", "tpu-vm", "ssh", after=smoke, containing="follow")
+    done = first("gcloud", "storage", "ls", "gs://my-bucket/runs/qwen2.5_7b_pacs/DONE", after=follow)
+    paper = first("gcloud", "compute", "tpus", "tpu-vm", "ssh", after=done, containing="tpu_worker.sh start")
+    argv = shlex.split(remote_command(steps[paper]))
+    assert argv[argv.index("--config") + 1] == "configs/qwen2.5_7b_pacs.yaml"
+    assert argv[-4:] == ["model.path=gs://my-bucket/models/Qwen2.5-7B", "trainer.total_steps=300",
+                         "trainer.resume=auto", "trainer.run_dir=gs://my-bucket/runs/qwen2.5_7b_pacs"]
+    # The spot loop adopts the smoke run's VM: no second create; it deletes the VM when done.
+    assert len([c for c in steps if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]]) == 1
+    assert first("gcloud", "compute", "tpus", "tpu-vm", "delete", "pacs-7b", after=paper) == len(steps) - 1
+
+
+def test_paper_recipe_checks_its_inputs(env):
+    bad_bucket = run(env, "paper_recipe.sh", *RECIPE[2:], "--bucket", "gs://b/runs", "--dry-run")
+    assert bad_bucket.returncode != 0 and "--bucket must be gs://BUCKET" in bad_bucket.stderr
+    no_sa = run(env, "paper_recipe.sh", "--bucket", "gs://my-b", "--name", "n", *WHERE, "--dry-run")
+    assert no_sa.returncode != 0 and "--service-account is required" in no_sa.stderr
+    mismatch = run(env, "paper_recipe.sh", *RECIPE, "--type", "v5litepod-8", "--dry-run")
+    assert mismatch.returncode == 0 and "laid out and checked for v5p-64" in mismatch.stderr
+    on_demand = run(env, "paper_recipe.sh", *RECIPE, "--on-demand", "--skip-bucket", "--skip-upload", "--dry-run")
+    assert on_demand.returncode == 0, on_demand.stderr
+    assert not gcloud_calls(on_demand, "storage", "buckets") and "--spot" not in printed(on_demand)[0]
+    assert [c for c in printed(on_demand) if c[:2] == ["gcloud", "storage"]] == []  # no spot loop
