@@ -264,10 +264,15 @@ def tiny_hf_model(tmp_path_factory):
 
 
 def test_hf_model_folder_with_chat_template_trains(tiny_hf_model, tmp_path):
+    """Trains from an HF folder; its greedy validation (the default val_sampling) writes what
+    transformers' greedy generate writes from the exported final policy."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(None, [
         f"model.path={tiny_hf_model}", "data.train=synthetic:arithmetic", "data.synthetic_size=64",
+        "data.val={val: 'synthetic:arithmetic?seed=3&size=4'}", "trainer.eval_every=2", "eval.max_new_tokens=6",
+        "eval.prompts_per_batch=4", "eval.n_samples=8", "eval.temperature=1.0",  # greedy validation ignores these two
         "data.max_prompt_tokens=64", "rollout.prompt_buckets=[64]", "rollout.group_size=2", "rollout.max_new_tokens=6",
         "reward.workers=1", "trainer.prompts_per_step=8", "trainer.mini_batches=2", "trainer.total_steps=2",
         "trainer.tensorboard=false", "trainer.dump_rollouts_every=1", f"trainer.run_dir={tmp_path / 'run'}",
@@ -288,4 +293,20 @@ def test_hf_model_folder_with_chat_template_trains(tiny_hf_model, tmp_path):
     # The export carries the tokenizer and its template along with the weights.
     exported = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
     assert exported.chat_template == CHAT_TEMPLATE and len(exported) == len(reference)
-    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).config.vocab_size == len(reference)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), torch_dtype=torch.float32)
+    assert model.config.vocab_size == len(reference)
+
+    assert records[1]["val/val/n_samples"] == 1 and "val/val/pass@2" not in records[1]
+    lines = read_jsonl(tmp_path / "run" / "rollouts" / "val_000002.jsonl")
+    assert len(lines) == 4
+    for line in lines:
+        ids = torch.tensor([reference(line["prompt"], add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=reference.eos_token_id,
+                                 pad_token_id=reference.pad_token_id)
+        new_tokens = out[0, ids.shape[1]:].tolist()
+        if reference.eos_token_id in new_tokens:
+            new_tokens = new_tokens[: new_tokens.index(reference.eos_token_id) + 1]
+        assert line["response"] == reference.decode(new_tokens, skip_special_tokens=True), line
+        assert line["response_length"] == len(new_tokens)
+    assert records[1]["val/val/accuracy"] == pytest.approx(np.mean([line["score"] for line in lines]))

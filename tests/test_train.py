@@ -156,6 +156,14 @@ def test_config_errors_name_the_key():
         load_config(None, ["model.arch={hidden_size: 8}", "rollout.prefill_chunk=-8"])
     with pytest.raises(ConfigError, match="rollout.decode_layers: 'unroll' is not one of"):
         load_config(None, ["model.arch={hidden_size: 8}", "rollout.decode_layers=unroll"])
+    with pytest.raises(ConfigError, match="trainer.val_before_train=true needs validation sets in data.val"):
+        load_config(None, ["model.arch={hidden_size: 8}", "trainer.val_before_train=true"])
+    with pytest.raises(ConfigError, match="trainer.dump_rollouts_every must be >= 0"):
+        load_config(None, ["model.arch={hidden_size: 8}", "trainer.dump_rollouts_every=-1"])
+    with pytest.raises(ConfigError, match="trainer.val_sampling: 'sample' is not one of"):
+        load_config(None, ["model.arch={hidden_size: 8}", "trainer.val_sampling=sample"])
+    with pytest.raises(ConfigError, match="trainer.eval_every must be >= 0"):
+        load_config(None, ["model.arch={hidden_size: 8}", "trainer.eval_every=-5"])
     with pytest.raises(ConfigError, match="trainer.micro_batches=3 must divide"):
         load_config(None, ["model.arch={hidden_size: 8}", "trainer.prompts_per_step=8", "trainer.mini_batches=2", "trainer.micro_batches=3"])
 
@@ -220,35 +228,3 @@ def test_resume_never_starts_over_and_keeps_the_earlier_run(tmp_path):
     with Checkpointer(old_checkpoints) as checkpointer:  # and they still restore
         assert checkpointer.latest_step() == 2
 
-
-def test_greedy_validation_is_the_argmax_continuation(tmp_path):
-    """trainer.val_sampling=greedy (the default): one response per problem, temperature 0. The
-    dumped responses equal a greedy decode by full forward passes (no KV cache) in a Python loop."""
-    from pacs_jax.train import load_examples
-
-    config = tiny_config(
-        tmp_path, "trainer.total_steps=1", "trainer.eval_every=1", "trainer.dump_rollouts_every=1",
-        "data.val={val: 'synthetic:arithmetic?seed=3&size=4'}", "eval.max_new_tokens=6", "eval.prompts_per_batch=4",
-        "eval.n_samples=8", "eval.temperature=1.0",  # both ignored by greedy validation
-    )
-    train(config)
-    record = read_metrics(tmp_path)[0]
-    assert record["val/val/n_samples"] == 1 and "val/val/pass@2" not in record
-    lines = [json.loads(line) for line in (tmp_path / "rollouts" / "val_000001.jsonl").read_text().splitlines()]
-    policy, tokenizer = restore_policy(config, str(tmp_path / "checkpoints"), 1)
-    examples = load_examples(config.data.val["val"], config, tokenizer, "val")
-    assert [line["problem"] for line in lines] == [e.problem for e in examples]
-    for line, example in zip(lines, examples):
-        ids = list(example.prompt_ids)
-        response = []
-        for _ in range(config.eval.max_new_tokens):
-            logits = np.asarray(policy(jax.numpy.asarray([ids])))[0, -1]
-            token = int(np.argmax(logits))
-            response.append(token)
-            ids.append(token)
-            if token in tokenizer.eos_ids:
-                break
-        stop = response[:-1] if response[-1] in tokenizer.eos_ids else response
-        assert line["response"] == tokenizer.decode(stop), line
-        assert line["response_length"] == len(response)
-    assert record["val/val/accuracy"] == pytest.approx(np.mean([line["score"] for line in lines]))
