@@ -96,7 +96,7 @@ fi
 if ((DO_UPLOAD)); then
   note "== 2. $MODEL and the evaluation data into $BUCKET"
   if ((DRY_RUN)) || [[ ! -f $REPO_ROOT/$MODEL_DIR/config.json ]]; then
-    run huggingface-cli download "$MODEL" --local-dir "$REPO_ROOT/$MODEL_DIR"
+    run hf download "$MODEL" --local-dir "$REPO_ROOT/$MODEL_DIR"
   fi
   run gcloud storage cp -r "$REPO_ROOT/$MODEL_DIR" "$BUCKET/models/"
   if ((DRY_RUN)) || [[ -d $REPO_ROOT/data ]]; then

@@ -726,7 +726,7 @@ def test_paper_recipe_dry_run_prints_every_command_in_order(env):
     iam = first("gcloud", "storage", "buckets", "add-iam-policy-binding", after=bucket)
     assert "--member=serviceAccount:tpu@my-proj.iam.gserviceaccount.com" in steps[iam]
     assert "--role=roles/storage.objectAdmin" in steps[iam]
-    download = first("huggingface-cli", "download", "Qwen/Qwen2.5-7B", after=iam)
+    download = first("hf", "download", "Qwen/Qwen2.5-7B", after=iam)
     upload = first("gcloud", "storage", "cp", "-r", after=download, containing="gs://my-bucket/models/")
     create = first("gcloud", "compute", "tpus", "tpu-vm", "create", "pacs-7b", after=upload)
     assert "--accelerator-type=v5p-64" in steps[create] and "--spot" in steps[create]
