@@ -253,9 +253,11 @@ def tiny_hf_model(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
+    # initializer_range 0.5: logits spread enough that greedy decoding varies by prompt and writes
+    # ordinary tokens (at 0.02 it repeats special tokens, whose text is empty).
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
+        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -298,7 +300,7 @@ def test_hf_model_folder_with_chat_template_trains(tiny_hf_model, tmp_path):
 
     assert records[1]["val/val/n_samples"] == 1 and "val/val/pass@2" not in records[1]
     lines = read_jsonl(tmp_path / "run" / "rollouts" / "val_000002.jsonl")
-    assert len(lines) == 4
+    assert len(lines) == 4 and len({line["response"] for line in lines}) > 1
     for line in lines:
         ids = torch.tensor([reference(line["prompt"], add_special_tokens=False).input_ids])
         with torch.no_grad():
