@@ -45,6 +45,9 @@ elif ((INSTALL)); then
   choose_python || exit 1
 else
   choose_python existing || exit 1
+  # --no-install promises the dependencies are there: say what to do before anything starts.
+  "$PY" -c 'import jax, flax, optax, orbax.checkpoint, transformers, math_verify' 2>/dev/null \
+    || die "$PY lacks the project's dependencies: run without --no-install (installs into .venv), or set PYTHON to the interpreter you installed them in"
 fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 

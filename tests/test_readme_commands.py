@@ -75,3 +75,18 @@ def test_readme_eval_command_reads_the_relative_checkpoint_dir(debug_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Traceback" not in result.stderr
     assert "pass@1" in result.stdout + result.stderr
+
+
+def test_no_install_without_dependencies_says_what_to_do(tmp_path):
+    """--no-install with an interpreter that lacks the dependencies stops at once with the fix."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {**_user_env(), "PYTHON": str(bare / "bin" / "python")}
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "cpu_debug.sh"), "--no-install"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "lacks the project's dependencies" in result.stderr
+    assert "without --no-install" in result.stderr
+    assert "Traceback" not in result.stderr
