@@ -27,7 +27,7 @@ from pacs_jax import sharding
 from pacs_jax.checkpoint import Checkpointer
 from pacs_jax.config import Config, ConfigError, save_config, to_dict
 from pacs_jax.data import Example, PromptStream, build_examples, load_rows
-from pacs_jax.metrics_log import MetricsLogger
+from pacs_jax.metrics_log import TENSORBOARD_DIR, WANDB_ID_FILE, MetricsLogger
 from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder, read_hf_config
 from pacs_jax.models.tokenizer import Tokenizer, load_tokenizer
 from pacs_jax.rewards.pool import VerifierPool
@@ -305,25 +305,41 @@ def local_run_dir(run_dir: str) -> Path:
     return root / run_dir.split("://", 1)[1].strip("/").replace("/", "__")
 
 
-_LOG_FILES = ("metrics.jsonl", "config.yaml")
+# What a remote (gs://) run keeps of its local logs, so that a run resumed on a new VM continues
+# them: the metrics, the config, the W&B run id (the same W&B run goes on) and the TensorBoard
+# event files (every file of that folder; a resumed session adds its own next to them).
+_LOG_FILES = ("metrics.jsonl", "config.yaml", WANDB_ID_FILE)
+_LOG_FOLDERS = (TENSORBOARD_DIR,)
 
 
 def _download_logs(remote: str, local: Path) -> None:
-    """A resumed remote run continues the metrics it had (the VM that wrote them may be gone)."""
+    """A resumed remote run continues the logs it had (the VM that wrote them may be gone)."""
     if "://" not in remote:
         return
     for name in _LOG_FILES:
         source = epath.Path(remote) / name
         if source.exists() and not (local / name).exists():
             (local / name).write_text(source.read_text())
+    for folder in _LOG_FOLDERS:
+        source = epath.Path(remote) / folder
+        if not source.exists():
+            continue
+        for path in source.iterdir():
+            target = local / folder / path.name
+            if not target.exists() and path.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
 
 
 def _upload_logs(local: Path, remote: str, main: bool) -> None:
     if "://" not in remote or not main:
         return
-    for path in [*(local / name for name in _LOG_FILES), *sorted((local / "plots").glob("*.png"))]:
+    files = [local / name for name in _LOG_FILES]
+    files += [path for folder in _LOG_FOLDERS if (local / folder).is_dir() for path in sorted((local / folder).iterdir())]
+    files += sorted((local / "plots").glob("*.png"))
+    for path in files:
         if path.is_file():
-            target = epath.Path(remote) / path.relative_to(local)
+            target = epath.Path(remote) / path.relative_to(local).as_posix()
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
 
