@@ -236,8 +236,9 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def _steps_done(rows: list[dict]) -> int:
-    # Distinct steps, so rows logged again after a resume count once, 0- or 1-based alike.
-    return len({row["step"] for row in rows if "step" in row})
+    # Distinct steps with a training reward, so rows logged again after a resume count once, 0- or
+    # 1-based alike, and the validation before training (step 0, no reward) is not a step.
+    return len({row["step"] for row in rows if "step" in row and "reward/mean" in row})
 
 
 def is_finished(run: Run) -> bool:

@@ -178,7 +178,9 @@ def test_local_mode_skips_finished_runs(tmp_path, base_config, capsys):
     assert (tmp_path / "runs" / "pacs_beta" / "summary.md").is_file()
 
     # One step short: the run is started (and fails: there is no such model); the sweep says so.
-    (Path(second.run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    # A validation before training (trainer.val_before_train, step 0 without a reward) is no step.
+    validation = {"step": 0, "val/arithmetic_val/pass@1": 0.1}
+    (Path(second.run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [validation, *rows[1:]]))
     assert not sweep_mod.is_finished(second) and sweep_mod.is_finished(first)
     assert sweep_mod.main([str(path)]) == 1
     captured = capsys.readouterr()
