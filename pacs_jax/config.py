@@ -163,7 +163,9 @@ class SFTConfig:
 
 @dataclass
 class EvalConfig:
-    # Sampling for evaluation and periodic validation (the authors: 0.6 / 0.95 / 4096).
+    # Sampling for evaluation (the authors: 0.6 / 0.95 / 4096), and for validation during training
+    # with trainer.val_sampling=eval; greedy validation uses only max_new_tokens, prompts_per_batch
+    # and max_problems from here.
     n_samples: int = 4
     temperature: float = 0.6
     top_p: float = 0.95
