@@ -13,6 +13,12 @@ A sweep file (YAML):
 
 Every run's config is loaded and validated before anything starts, so a bad grid value fails at
 once naming the run and the key. CLI: `python -m pacs_jax sweep SWEEP.yaml [--mode local|print|tpu]`.
+
+A finished run (DONE, or total_steps steps in metrics.jsonl) is skipped; an unfinished one resumes
+from its checkpoints. `--mode tpu` starts each run detached on its VM and watches it with short ssh
+calls, so a dropped ssh session fails nothing. The summary (RUN_ROOT/NAME/summary.md and .csv,
+read from where the runs wrote, gs:// included) has each run's hyper-parameters, reward, loss and
+final val/* pass@k / accuracy; with seeds, summary_seeds.md / .csv hold mean and std over seeds.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import yaml
 
 from pacs_jax.config import ConfigError, load_config
@@ -63,6 +70,7 @@ class Run:
     run_dir: str
     overrides: list[str]  # everything passed to the trainer after --config, run_dir included
     total_steps: int
+    params: dict = field(default_factory=dict)  # grid key -> value, and "seed" with seeds
 
 
 # ---------------------------------------------------------------------------- the sweep file
@@ -184,7 +192,8 @@ def expand(sweep: Sweep) -> list[Run]:
             config = load_config(sweep.base_config, overrides)
         except ConfigError as e:
             raise ConfigError(f"sweep run {name}: {e}") from None
-        runs.append(Run(name, run_dir, overrides, config.trainer.total_steps))
+        params = dict(zip(keys, combo)) | ({"seed": seed} if seed is not None else {})
+        runs.append(Run(name, run_dir, overrides, config.trainer.total_steps, params))
     return runs
 
 
@@ -257,14 +266,15 @@ def train_command(sweep: Sweep, run: Run) -> list[str]:
 
 def tpu_command(sweep: Sweep, run: Run, tpu: str, zone: str | None, project: str | None,
                 dry_run: bool) -> list[str]:
-    """launch/train_tpu.sh for one run; it streams the log and returns when training ends."""
+    """launch/train_tpu.sh for one run, detached: it returns once training has started on every
+    worker (`wait_on_tpu` then watches it)."""
     config = Path(sweep.base_config).resolve()
     try:
         config_arg = str(config.relative_to(REPO_ROOT))
     except ValueError:
         raise ConfigError(f"base_config {sweep.base_config} must be inside the repository {REPO_ROOT} "
                           f"for --mode tpu: the TPU workers get a copy of the repository") from None
-    cmd = ["bash", str(TRAIN_TPU), "--name", tpu, "--config", config_arg]
+    cmd = ["bash", str(TRAIN_TPU), "--name", tpu, "--config", config_arg, "--detach"]
     cmd += ["--zone", zone] if zone else []
     cmd += ["--project", project] if project else []
     cmd += ["--dry-run"] if dry_run else []
@@ -285,9 +295,49 @@ def run_local(sweep: Sweep, runs: list[Run]) -> list[str]:
     return failed
 
 
+def worker_status(tpu: str, zone: str | None, project: str | None) -> str | None:
+    """Worker 0's training status on `tpu` ("running PID", "exited RC", "killed", "none"), or None
+    when ssh did not answer."""
+    cmd = [_gcloud(), "compute", "tpus", "tpu-vm", "ssh", tpu, "--worker=0"]
+    cmd += [f"--zone={zone}"] if zone else []
+    cmd += [f"--project={project}"] if project else []
+    cmd += ["--command=bash $HOME/pacs_jax/launch/tpu_worker.sh status"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines or not re.match(r"(running|exited|killed|none)\b", lines[-1]):
+        return None
+    return lines[-1]
+
+
+def wait_on_tpu(run: Run, tpu: str, zone: str | None, project: str | None, poll_s: float) -> bool:
+    """Watch a run started on `tpu` until it is finished (True) or its trainer has stopped without
+    finishing (False). A dropped or refused ssh session is not a failure: the run goes on on the
+    VM, and the next look tells."""
+    import time
+
+    while True:
+        time.sleep(poll_s)
+        if is_finished(run):
+            return True
+        status = worker_status(tpu, zone, project)
+        if status is None:
+            print(f"{run.name}: {tpu} did not answer over ssh; the run goes on there, looking again in {poll_s:g} s",
+                  flush=True)
+        elif not status.startswith("running"):
+            if is_finished(run):
+                return True
+            print(f"{run.name}: the trainer on {tpu} stopped unfinished ({status}); the log is "
+                  f"~/pacs_jax_run/train.log on {tpu}; running the sweep again resumes it", flush=True)
+            return False
+
+
 def run_tpu(sweep: Sweep, runs: list[Run], tpus: list[str], zone: str | None, project: str | None,
-            dry_run: bool) -> list[str]:
-    """Runs dealt round-robin to the TPU VMs; each VM trains its share one after another."""
+            dry_run: bool, poll_s: float = 60) -> list[str]:
+    """Runs dealt round-robin to the TPU VMs; each VM trains its share one after another. A
+    finished run is skipped, an unfinished one resumes from its checkpoints (trainer.resume=auto)."""
     if not tpus:
         raise ConfigError("--mode tpu needs --tpu NAME[,NAME...] (VMs made by launch/create_tpu.sh "
                           "and launch/setup_tpu.sh)")
@@ -307,6 +357,9 @@ def run_tpu(sweep: Sweep, runs: list[Run], tpus: list[str], zone: str | None, pr
                 continue
             print(f"# {run.name}: {shlex.join(cmd)}", flush=True)
             if subprocess.run(cmd).returncode != 0:
+                print(f"{run.name}: starting it on {cmd[cmd.index('--name') + 1]} failed", flush=True)
+                failed.append(run.name)
+            elif not dry_run and not wait_on_tpu(run, cmd[cmd.index("--name") + 1], zone, project, poll_s):
                 failed.append(run.name)
         return failed
 
@@ -345,39 +398,108 @@ def _summary_row(run_dir: str, label: str) -> dict:
     }
 
 
-def _markdown(rows: list[dict]) -> str:
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+# Final validation numbers shown per run: pass@k and accuracy of every validation set.
+VAL_KEY = re.compile(r"^val/.+/(pass@\d+|accuracy)$")
+# Columns averaged over seeds (with the validation columns a sweep has).
+SEED_MEAN_COLUMNS = ["last reward/mean", "max reward/mean", "last loss"]
 
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in SUMMARY_COLUMNS) + " |" for row in rows]
+
+def _final_val(rows: list[dict]) -> dict[str, float]:
+    """The newest value of every val/<set>/pass@k and accuracy the run logged."""
+    final: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if VAL_KEY.match(key) and isinstance(value, (int, float)):
+                final[key] = float(value)
+    return final
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _markdown(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def _csv(rows: list[dict]) -> str:
+def _csv(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    writer.writerows({c: ("" if row.get(c) is None else row[c]) for c in columns} for row in rows)
     return out.getvalue()
 
 
-def summarize(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> list[dict]:
-    """One row per run dir (columns SUMMARY_COLUMNS, None where a metric was never logged).
+def summary_columns(rows: list[dict], param_keys: Sequence[str] = ()) -> list[str]:
+    """run, the hyper-parameters, SUMMARY_COLUMNS' metrics, then every final val/* column."""
+    val = sorted({k for row in rows for k in row if VAL_KEY.match(k)})
+    return ["run", *param_keys, *SUMMARY_COLUMNS[1:], *val]
 
-    With `out_dir`, also writes out_dir/summary.md and out_dir/summary.csv, and names each run by
-    its path relative to out_dir.
+
+def seed_summary(rows: list[dict], param_keys: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """Runs that differ only in their seed, averaged: one row per grid point with the number of
+    runs and mean / std (sample std; 0 for one run) of the reward, loss and final val/* columns."""
+    grid_keys = [k for k in param_keys if k != "seed"]
+    metrics = SEED_MEAN_COLUMNS + sorted({k for row in rows for k in row if VAL_KEY.match(k)})
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(json.dumps(row.get(k)) for k in grid_keys), []).append(row)
+    out = []
+    for members in groups.values():
+        agg = {k: members[0].get(k) for k in grid_keys} | {"runs": len(members)}
+        for metric in metrics:
+            values = [m[metric] for m in members if isinstance(m.get(metric), (int, float))]
+            mean = float(np.mean(values)) if values else None
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)
+            agg[f"{metric} mean"], agg[f"{metric} std"] = mean, std
+        out.append(agg)
+    columns = [*grid_keys, "runs", *[f"{m} {s}" for m in metrics for s in ("mean", "std")]]
+    return out, columns
+
+
+def _seed_markdown(rows: list[dict], columns: list[str]) -> str:
+    """mean ± std in one cell per metric."""
+    metrics = [c.removesuffix(" mean") for c in columns if c.endswith(" mean")]
+    head = [c for c in columns if not c.endswith((" mean", " std"))]
+    lines = ["| " + " | ".join([*head, *metrics]) + " |", "|" + "---|" * (len(head) + len(metrics))]
+    for row in rows:
+        cells = [_cell(row.get(c)) for c in head]
+        for m in metrics:
+            mean, std = row.get(f"{m} mean"), row.get(f"{m} std")
+            cells.append("-" if mean is None else f"{mean:.4g} ± {std:.2g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
+              params: Sequence[dict] | None = None) -> list[dict]:
+    """One row per run dir (SUMMARY_COLUMNS, the run's hyper-parameters from `params`, and its
+    final val/* pass@k and accuracy; None where a metric was never logged). Run dirs may be gs://.
+
+    With `out_dir`, also writes out_dir/summary.md and summary.csv (each run named by its path
+    relative to out_dir), and when runs differ by seed, summary_seeds.md / .csv with the mean
+    and std over seeds of each grid point.
     """
     out = str(out_dir).rstrip("/") if out_dir is not None else None
+    params = list(params) if params is not None else [{} for _ in run_dirs]
+    param_keys = list(dict.fromkeys(k for p in params for k in p))
     rows = []
-    for run_dir in map(str, run_dirs):
+    for run_dir, run_params in zip(map(str, run_dirs), params):
         label = run_dir[len(out) + 1:] if out and run_dir.startswith(out + "/") else run_dir
-        rows.append(_summary_row(run_dir, label))
+        row = _summary_row(run_dir, label)
+        rows.append({"run": row.pop("run"), **run_params, **row, **_final_val(read_metrics(run_dir))})
     if out is not None:
-        _write_text(_join(out, "summary.md"), _markdown(rows))
-        _write_text(_join(out, "summary.csv"), _csv(rows))
+        columns = summary_columns(rows, param_keys)
+        _write_text(_join(out, "summary.md"), _markdown(rows, columns))
+        _write_text(_join(out, "summary.csv"), _csv(rows, columns))
+        if "seed" in param_keys:
+            seeds, seed_columns = seed_summary(rows, param_keys)
+            _write_text(_join(out, "summary_seeds.md"), _seed_markdown(seeds, seed_columns))
+            _write_text(_join(out, "summary_seeds.csv"), _csv(seeds, seed_columns))
     return rows
 
 
@@ -398,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--zone", default=None, help="tpu mode (default: $ZONE or gcloud's config)")
     parser.add_argument("--project", default=None, help="tpu mode (default: $PROJECT or gcloud's config)")
     parser.add_argument("--summary-only", action="store_true", help="only (re)write the summary")
+    parser.add_argument("--poll-seconds", type=float, default=60,
+                        help="tpu mode: how often to look whether a run has finished (default 60)")
     args = parser.parse_args(argv)
 
     try:
@@ -419,15 +543,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.mode == "tpu" and not args.summary_only:
         tpus = [t for t in args.tpu.split(",") if t]
         try:
-            failed = run_tpu(sweep, runs, tpus, args.zone, args.project, args.dry_run)
+            failed = run_tpu(sweep, runs, tpus, args.zone, args.project, args.dry_run, args.poll_seconds)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if args.dry_run:
             return 1 if failed else 0
 
-    rows = summarize([run.run_dir for run in runs], summary_dir)
-    print(_markdown(rows))
+    rows = summarize([run.run_dir for run in runs], summary_dir, [run.params for run in runs])
+    param_keys = list(dict.fromkeys(k for run in runs for k in run.params))
+    print(_markdown(rows, summary_columns(rows, param_keys)))
+    if "seed" in param_keys:
+        print(_seed_markdown(*seed_summary(rows, param_keys)))
     print(f"summary: {_join(summary_dir, 'summary.md')} and summary.csv")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -314,3 +314,114 @@ def test_sweep_of_two_tiny_runs_on_cpu(tmp_path, capsys):
     capsys.readouterr()
     assert sweep_mod.main([str(path)]) == 0
     assert capsys.readouterr().out.count("finished already, skipped") == 2
+
+
+# ---------------------------------------------------------------------------- hyper-parameters, val, seeds
+
+
+def test_summary_has_hyperparameters_final_val_and_seed_means(tmp_path):
+    out_dir = tmp_path / "sweep"
+    params, dirs = [], []
+    pass1 = {(1.0, 0): 0.2, (1.0, 1): 0.4, (2.0, 0): 0.5, (2.0, 1): 0.7}
+    for (beta, seed), p1 in pass1.items():
+        run_dir = out_dir / f"beta={beta},seed={seed}"
+        run_dir.mkdir(parents=True)
+        rows = [{"step": 1, "reward/mean": 0.1, "loss": 1.0},
+                {"step": 2, "reward/mean": 0.3 + seed, "loss": 0.5, "val/math500/pass@1": p1 / 2,
+                 "val/math500/pass@4": 0.9, "val/math500/response_length/mean": 100.0},
+                {"step": 3, "reward/mean": 0.2 + seed, "loss": 0.4, "val/math500/pass@1": p1,
+                 "val/math500/accuracy": p1}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        params.append({"algorithm.beta": beta, "seed": seed})
+        dirs.append(run_dir)
+    rows = sweep_mod.summarize(dirs, out_dir, params)
+    first = rows[0]
+    assert first["algorithm.beta"] == 1.0 and first["seed"] == 0
+    # The newest value of each val/*/pass@k and accuracy (pass@4 was logged at step 2 only).
+    assert first["val/math500/pass@1"] == 0.2 and first["val/math500/pass@4"] == 0.9
+    assert "val/math500/response_length/mean" not in first
+    with open(out_dir / "summary.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:3] == ["run", "algorithm.beta", "seed"]
+    assert list(table[0])[-3:] == ["val/math500/accuracy", "val/math500/pass@1", "val/math500/pass@4"]
+    with open(out_dir / "summary_seeds.csv", newline="") as f:
+        seeds = list(csv.DictReader(f))
+    assert [(float(r["algorithm.beta"]), int(r["runs"])) for r in seeds] == [(1.0, 2), (2.0, 2)]
+    for row, values in zip(seeds, [[0.2, 0.4], [0.5, 0.7]]):
+        assert float(row["val/math500/pass@1 mean"]) == pytest.approx(np.mean(values))
+        assert float(row["val/math500/pass@1 std"]) == pytest.approx(np.std(values, ddof=1))
+        assert float(row["last reward/mean mean"]) == pytest.approx(0.7)  # 0.2 and 1.2
+    md = (out_dir / "summary_seeds.md").read_text().splitlines()
+    assert md[0].startswith("| algorithm.beta | runs | last reward/mean |")
+    assert "0.3 ± 0.14" in md[2]  # pass@1 of beta 1.0: mean 0.3, std 0.141
+
+
+# ---------------------------------------------------------------------------- tpu mode against a fake gcloud
+
+FAKE_GCLOUD = r'''#!/usr/bin/env bash
+# gcloud for the sweep's tpu mode: gs://X is the file $FAKE/X; every call recorded. `tpu-vm ssh ...
+# status` answers from $FAKE/status, one line per call: "unreachable" (ssh fails) or a status,
+# optionally "|PATH" to create gs://PATH (the run finishing) as it answers.
+echo "$*" >> "$FAKE/calls"
+case "$1 $2" in
+  "storage cat") f="$FAKE/${3#gs://}"; [[ -f $f ]] && cat "$f" && exit 0; exit 1 ;;
+  "storage cp") mkdir -p "$(dirname "$FAKE/${4#gs://}")"; cp "$3" "$FAKE/${4#gs://}"; exit 0 ;;
+esac
+if [[ "$*" == *"tpu_worker.sh status"* ]]; then
+  line="$(head -n 1 "$FAKE/status")"; tail -n +2 "$FAKE/status" > "$FAKE/status.tmp"; mv "$FAKE/status.tmp" "$FAKE/status"
+  [[ $line == unreachable ]] && { echo "ssh: connect to host: Connection timed out" >&2; exit 255; }
+  if [[ $line == *"|"* ]]; then mkdir -p "$(dirname "$FAKE/${line#*|}")"; touch "$FAKE/${line#*|}"; fi
+  echo "${line%%|*}"
+fi
+exit 0
+'''
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+    folder = tmp_path / "fake"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "gcloud").write_text(FAKE_GCLOUD)
+    (folder / "bin" / "gcloud").chmod(0o755)
+    (folder / "calls").write_text("")
+    monkeypatch.setenv("PATH", f"{folder / 'bin'}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE", str(folder))
+    return folder
+
+
+def tpu_sweep(tmp_path) -> Path:
+    return sweep_file(tmp_path, DEBUG_CPU, run_root="gs://bucket/sweeps", grid={"algorithm.beta": [1.0]},
+                      seeds=..., overrides=[])
+
+
+@pytest.mark.skipif(not DEBUG_CPU.is_file(), reason="tpu mode needs a config inside the repository")
+def test_tpu_mode_dropped_ssh_does_not_fail_a_run_and_rerun_skips_it(tmp_path, fake_gcloud, capsys):
+    (fake_gcloud / "status").write_text("unreachable\nrunning 12|bucket/sweeps/pacs_beta/beta=1.0/DONE\n")
+    argv = [str(tpu_sweep(tmp_path)), "--mode", "tpu", "--tpu", "tpu-a", "--zone", "z", "--project", "p",
+            "--poll-seconds", "0"]
+    assert sweep_mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tpu-a did not answer over ssh; the run goes on there" in out
+    calls = (fake_gcloud / "calls").read_text().splitlines()
+    starts = [c for c in calls if "tpu_worker.sh start" in c]
+    assert len(starts) == 1 and "trainer.run_dir=gs://bucket/sweeps/pacs_beta/beta=1.0" in starts[0]
+    # No log streaming: the start returns at once and the sweep watches with short ssh calls.
+    assert not any("tpu_worker.sh follow" in c for c in calls)
+    assert (fake_gcloud / "bucket/sweeps/pacs_beta/summary.md").read_text().splitlines()[2].startswith(
+        "| beta=1.0 | 1 | done |")
+
+    # Again: the run is finished, nothing starts.
+    assert sweep_mod.main(argv) == 0
+    assert "finished already, skipped" in capsys.readouterr().out
+    assert len([c for c in (fake_gcloud / "calls").read_text().splitlines() if "tpu_worker.sh start" in c]) == 1
+
+
+@pytest.mark.skipif(not DEBUG_CPU.is_file(), reason="tpu mode needs a config inside the repository")
+def test_tpu_mode_a_stopped_trainer_fails_the_run(tmp_path, fake_gcloud, capsys):
+    (fake_gcloud / "status").write_text("running 12\nexited 1\n")
+    argv = [str(tpu_sweep(tmp_path)), "--mode", "tpu", "--tpu", "tpu-a", "--zone", "z", "--project", "p",
+            "--poll-seconds", "0"]
+    assert sweep_mod.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "the trainer on tpu-a stopped unfinished (exited 1)" in captured.out
+    assert "running the sweep again resumes it" in captured.out and "1 run(s) failed" in captured.err
