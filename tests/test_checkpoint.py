@@ -307,3 +307,22 @@ def test_two_processes_save_shards_and_restore_on_one(tmp_path):
         state, meta = checkpointer.restore(target, step=2)
     np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(64, dtype=np.float32).reshape(8, 8) * 2)
     assert meta == {"step": 2, "writer": 0}
+
+
+def test_move_aside_empties_the_step_list_and_keeps_every_step(tmp_path, mesh):
+    placement = shardings(mesh)
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        assert checkpointer.move_aside("replaced-x") is None  # nothing to move
+        for step in (0, 1):
+            checkpointer.save(step, place(host_tree(step), placement), {"step": step}, force=True)
+        aside = checkpointer.move_aside("replaced-x")
+        assert checkpointer.all_steps() == [] and checkpointer.latest_step() is None
+        # Step 0 can be written again (a new run), and the old steps still restore from their folder.
+        checkpointer.save(0, place(host_tree(5), placement), {"step": 0}, force=True)
+        assert checkpointer.all_steps() == [0]
+    assert Path(aside) == tmp_path / "replaced-x"
+    with Checkpointer(aside, async_save=False) as old:
+        assert old.all_steps() == [0, 1]
+        restored, meta = old.restore(abstract(host_tree(1), placement), 1)
+    assert meta == {"step": 1}
+    assert_tree_equal(restored, host_tree(1), placement)
