@@ -31,10 +31,32 @@ def _train(args) -> int:
     return 0
 
 
+def stage_eval_inputs(args) -> None:
+    """gs:// paths of an eval (--model, --data, and the config's model and data.val) replaced by
+    their local copies, fetched once per machine as `train` does (pacs_jax.gcs)."""
+    from pacs_jax import gcs
+    from pacs_jax.config import load_config
+
+    if args.model and args.model.startswith("gs://"):
+        args.model = str(gcs.local_copy(args.model, "--model"))
+    data = []
+    for item in args.data:
+        name, _, source = item.partition("=")
+        data.append(f"{name}={gcs.local_copy(source, f'--data {name}')}" if source.startswith("gs://") else item)
+    args.data = data
+    config = load_config(args.config, args.overrides)
+    extra = [f"model.{key}={gcs.local_copy(getattr(config.model, key), f'model.{key}')}"
+             for key in ("path", "tokenizer") if getattr(config.model, key).startswith("gs://") and not (key == "path" and args.model)]
+    extra += [f"data.val.{name}={gcs.local_copy(source, f'data.val.{name}')}"
+              for name, source in config.data.val.items() if str(source).startswith("gs://")]
+    args.overrides = [*args.overrides, *extra]
+
+
 def _eval(args) -> int:
     from pacs_jax import evaluate_cli
 
     join_processes({"--checkpoint": args.checkpoint or ""})
+    stage_eval_inputs(args)
     return evaluate_cli.run(args)
 
 

@@ -120,3 +120,18 @@ def test_remote_run_keeps_tensorboard_events_and_wandb_id(tmp_path, monkeypatch)
     # Other processes upload nothing.
     train._upload_logs(second_vm, "gs://b/runs/y", main=False)
     assert not (bucket / "b/runs/y").exists()
+
+
+def test_eval_inputs_on_gs_are_copied_too(bucket, tmp_path):
+    from pacs_jax.__main__ import build_parser, stage_eval_inputs
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: {path: gs://b/models/tiny}\ndata: {val: {v: gs://b/data/val.jsonl}}\n")
+    args = build_parser().parse_args(["eval", "--config", str(config), "--data", "t=gs://b/data/train.jsonl",
+                                      "--data", "s=synthetic:arithmetic", "eval.n_samples=2"])
+    stage_eval_inputs(args)
+    cache = tmp_path / "cache" / "gcs" / "b"
+    assert args.data == [f"t={cache / 'data' / 'train.jsonl'}", "s=synthetic:arithmetic"]
+    assert args.overrides == ["eval.n_samples=2", f"model.path={cache / 'models' / 'tiny'}",
+                              f"data.val.v={cache / 'data' / 'val.jsonl'}"]
+    assert len(copies(bucket)) == 3
