@@ -16,6 +16,7 @@ so the report adds an analytic matmul FLOP count (2 x weights x tokens per forwa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -23,6 +24,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -133,6 +135,28 @@ def libtpu_problem() -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_libtpu_probe():
+    """Hold back what libtpu writes to stderr while it loads: off a TPU VM it always complains that
+    it cannot find TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES, which compiling does not need (the
+    topology is given). If loading fails, everything it wrote is passed on with the error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            sys.stderr.flush()
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def tpu_devices(topology: TpuTopology) -> list:
     """The devices of `topology` (for compiling only), from libtpu's topology description."""
     problem = libtpu_problem()
@@ -143,15 +167,16 @@ def tpu_devices(topology: TpuTopology) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    description = topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=topology.libtpu_name,
-        chip_config_name=topology.chip_config,
-        chips_per_host_bounds=topology.chips_per_host,
-        num_slices=1,
-        # Wrap-around links change collective routing, not memory; no wrap is valid for every size.
-        wrap=(False, False, False),
-    )
+    with _quiet_libtpu_probe():
+        description = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topology.libtpu_name,
+            chip_config_name=topology.chip_config,
+            chips_per_host_bounds=topology.chips_per_host,
+            num_slices=1,
+            # Wrap-around links change collective routing, not memory; no wrap is valid for every size.
+            wrap=(False, False, False),
+        )
     devices = list(description.devices)
     if len(devices) != topology.chips:
         raise RuntimeError(f"libtpu describes {topology.libtpu_name} with {len(devices)} devices, expected {topology.chips} chips")
@@ -258,9 +283,30 @@ def decoder_config_for(config: Config, arch_file: str = ""):
         hf, source = read_hf_config(m.path), f"{m.path}/config.json"
     else:
         hf, source = {"model_type": "llama", **m.arch}, "model.arch"
+        tokenizer = _local_tokenizer(m.tokenizer, m.chat_template)
+        if tokenizer is not None:
+            # As the trainer builds it: the tokenizer's vocabulary unless model.arch asks for more.
+            hf.setdefault("vocab_size", tokenizer.vocab_size)
+            hf.setdefault("eos_token_id", list(tokenizer.eos_ids))
+            if hf["vocab_size"] < tokenizer.vocab_size:
+                raise ConfigError(f"model.arch.vocab_size={hf['vocab_size']} is smaller than the tokenizer's "
+                                  f"{tokenizer.vocab_size}; remove it or raise it")
         if "vocab_size" not in hf:
-            raise ConfigError("model.arch needs vocab_size to compile without a tokenizer (e.g. model.arch.vocab_size=32000)")
+            raise ConfigError(
+                f"model.arch needs vocab_size to compile: model.tokenizer={m.tokenizer!r} is not here to read it "
+                f"from; set model.arch.vocab_size (e.g. model.arch.vocab_size=32000) or model.tokenizer=char"
+            )
     return DecoderConfig.from_hf(hf, source=source, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat), hf
+
+
+def _local_tokenizer(spec: str, chat_template: str):
+    """The tokenizer `spec` names when it needs nothing from elsewhere ("char", or a folder or
+    .model file on this machine), else None: compiling never downloads."""
+    from pacs_jax.models.tokenizer import load_tokenizer
+
+    if spec != "char" and not (spec and not spec.startswith("gs://") and Path(spec).expanduser().exists()):
+        return None
+    return load_tokenizer(spec, chat_template)
 
 
 def _matmul_weights(decoder_config) -> int:
