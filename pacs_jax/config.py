@@ -80,10 +80,18 @@ class RolloutConfig:
     prefill_chunk: int = 64
     # Prompt lengths are padded up to the smallest bucket that fits (no recompiles).
     prompt_buckets: list = field(default_factory=lambda: [64, 128, 256, 512])
+    # The decode engine. "static": every row is decoded until the longest response stops.
+    # "compact": every compact_every steps the unfinished rows are gathered into a smaller batch
+    # (a multiple of ceil(rows / compact_buckets) rows), so decode cost follows the tokens actually
+    # generated (pacs_jax/compact.py; bench/rollout_lengths.py). Both sample the same tokens for a key.
+    engine: Literal["static", "compact"] = "static"
+    compact_every: int = 32
+    compact_buckets: int = 16
 
     def engine_options(self) -> dict:
         """The SamplingParams settings that change how the sampler runs, not what it samples."""
-        return dict(decode_segments=self.decode_segments, decode_layers=self.decode_layers, prefill_chunk=self.prefill_chunk)
+        return dict(decode_segments=self.decode_segments, decode_layers=self.decode_layers, prefill_chunk=self.prefill_chunk,
+                    engine=self.engine, compact_every=self.compact_every, compact_buckets=self.compact_buckets)
 
 
 # reward.verifier names -> "module:function". "math": the last \boxed{} only (ours);
@@ -184,6 +192,13 @@ class TrainerConfig:
     # per optimizer step. Both count prompts (whole groups), never single responses.
     mini_batches: int = 4
     micro_batches: int = 1
+    # Packed update and old-log-prob passes: the token budget of a packed row, which holds several
+    # (prompt + response) sequences back to back, each attending only to itself (0 = off: every row
+    # is the prompt bucket + rollout.max_new_tokens long, mostly padding for short responses). At
+    # least the longest possible sequence, max(rollout.prompt_buckets) + rollout.max_new_tokens.
+    # Rows per micro-batch follow the real lengths (first-fit-decreasing, eighths of one
+    # sequence per row): at most 8 compiled shapes. See pacs_jax/packing.py.
+    pack_row_tokens: int = 0
     save_every: int = 50
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step's checkpoint (0 = off)
@@ -359,6 +374,9 @@ def validate(config: Config) -> None:
     _require(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
     _require(r.decode_segments >= 1, f"rollout.decode_segments must be >= 1 (1 = one decode loop), got {r.decode_segments}")
     _require(r.prefill_chunk >= 0, f"rollout.prefill_chunk must be >= 0 (0 = one pass over the prompt), got {r.prefill_chunk}")
+    _require(r.engine in ("static", "compact"), f"rollout.engine must be 'static' or 'compact', got {r.engine!r}")
+    _require(r.compact_every >= 1, f"rollout.compact_every must be >= 1 (decode steps between compactions), got {r.compact_every}")
+    _require(r.compact_buckets >= 1, f"rollout.compact_buckets must be >= 1 (1 = never compact), got {r.compact_buckets}")
     _require(
         bool(r.prompt_buckets) and all(isinstance(b, int) and b > 0 for b in r.prompt_buckets),
         f"rollout.prompt_buckets must be a non-empty list of positive integers, got {r.prompt_buckets}",
@@ -366,6 +384,20 @@ def validate(config: Config) -> None:
     _require(t.prompts_per_step >= 1, f"trainer.prompts_per_step must be >= 1, got {t.prompts_per_step}")
     _require(t.mini_batches >= 1, f"trainer.mini_batches must be >= 1, got {t.mini_batches}")
     _require(t.micro_batches >= 1, f"trainer.micro_batches must be >= 1, got {t.micro_batches}")
+    micro_total = t.mini_batches * t.micro_batches
+    _require(
+        t.prompts_per_step >= micro_total,
+        f"trainer.prompts_per_step={t.prompts_per_step} leaves a micro-batch without a whole group: "
+        f"trainer.mini_batches x trainer.micro_batches = {micro_total} micro-batches each need at least "
+        f"one prompt's {r.group_size} responses; the smallest valid trainer.prompts_per_step is {micro_total}",
+    )
+    _require(t.pack_row_tokens >= 0, f"trainer.pack_row_tokens must be >= 0 (0 = no packing), got {t.pack_row_tokens}")
+    longest = max(r.prompt_buckets) + r.max_new_tokens  # every sequence must fit one packed row
+    _require(
+        t.pack_row_tokens == 0 or t.pack_row_tokens >= longest,
+        f"trainer.pack_row_tokens={t.pack_row_tokens} is shorter than the longest possible sequence "
+        f"(largest rollout.prompt_buckets + rollout.max_new_tokens); the smallest valid value is {longest} (0 = no packing)",
+    )
     _require(
         t.prompts_per_step % t.mini_batches == 0,
         f"trainer.mini_batches={t.mini_batches} must divide trainer.prompts_per_step="

@@ -23,6 +23,10 @@ from flax import nnx
 from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache, resolve_dtype
 
 DECODE_LAYERS = ("auto", "scan", "unrolled")
+# "static": one batch of every row until the last one stops (this module). "compact": the unfinished
+# rows are gathered into a smaller batch every few steps, so decode cost follows the tokens
+# actually generated (pacs_jax.compact).
+ENGINES = ("static", "compact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,12 @@ class SamplingParams:
     # padding in every row (0 = one pass over the whole bucket; a bucket that is not a multiple
     # of the chunk is also prefilled in one pass).
     prefill_chunk: int = 64
+    # Which decode engine runs (ENGINES). With "compact": every `compact_every` decode steps the
+    # unfinished rows move into a smaller batch whose row count is a multiple of
+    # ceil(rows / compact_buckets) (so at most compact_buckets batch shapes are compiled).
+    engine: str = "static"
+    compact_every: int = 32
+    compact_buckets: int = 16
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -61,6 +71,12 @@ class SamplingParams:
             raise ValueError(f"rollout.prefill_chunk must be >= 0 (0 = one pass), got {self.prefill_chunk}")
         if self.decode_layers not in DECODE_LAYERS:
             raise ValueError(f"rollout.decode_layers must be one of {list(DECODE_LAYERS)}, got {self.decode_layers!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout.engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        if self.compact_every < 1:
+            raise ValueError(f"rollout.compact_every must be >= 1, got {self.compact_every}")
+        if self.compact_buckets < 1:
+            raise ValueError(f"rollout.compact_buckets must be >= 1, got {self.compact_buckets}")
 
     def unrolls_layers(self, platform: str) -> bool:
         """Whether decode runs the layers unrolled on `platform` ("cpu", "tpu", "gpu")."""
@@ -151,25 +167,31 @@ def sampling_weights(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return weights
 
 
-def inverse_cdf_sample(weights: jax.Array, key: jax.Array) -> jax.Array:
+def inverse_cdf_sample(weights: jax.Array, key: jax.Array, row_ids: jax.Array | None = None, total_rows: int = 0) -> jax.Array:
     """A draw from weights / sum(weights) per row [N, V], with one uniform per row against the CDF:
     the distribution of jax.random.categorical, without its Gumbel number per vocabulary entry
-    (10x faster for a 49k vocabulary on CPU)."""
+    (10x faster for a 49k vocabulary on CPU). With `row_ids` [N], row i takes the uniform drawn
+    for row row_ids[i] of `total_rows` (ids past the end take the last): the compacting engine's
+    rows move, and this keeps each row's draw that of its place in the full batch."""
     cdf = jnp.cumsum(weights, axis=-1)
     cdf = cdf / cdf[:, -1:]  # the last entry is exactly 1
     # u in (0, 1): the first index with cdf >= u then always has positive weight (never a
     # filtered token, even a leading one), and it exists since u < 1 = cdf[-1].
-    u = jax.random.uniform(key, (weights.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
+    u = jax.random.uniform(key, (total_rows or weights.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
+    if row_ids is not None:
+        u = jnp.take(u, row_ids, axis=0, mode="clip")
     return jnp.sum(cdf < u, axis=-1)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """Returns (token, log-prob of it under softmax(logits / T)) for logits [N, V] float32."""
+def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams, row_ids: jax.Array | None = None,
+                 total_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Returns (token, log-prob of it under softmax(logits / T)) for logits [N, V] float32.
+    `row_ids`, `total_rows`: see inverse_cdf_sample."""
     if params.temperature == 0:
         token = jnp.argmax(logits, axis=-1)
         return token, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
     scaled = logits / params.temperature
-    token = inverse_cdf_sample(sampling_weights(scaled, params.top_k, params.top_p), key)
+    token = inverse_cdf_sample(sampling_weights(scaled, params.top_k, params.top_p), key, row_ids, total_rows)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), token[:, None], -1)[:, 0]
     return token, logprob
 
@@ -236,6 +258,33 @@ def prefill(model: Decoder, layers, prompt_ids, cache_mask, chunk: int, rows_per
     return rejoin(hiddens), LayerKVCache(keys, values)
 
 
+def prefill_groups(model: Decoder, layers, prompt_ids, prompt_mask, params: SamplingParams, group_size: int):
+    """Prefill once per prompt, then give each of the G responses its own copy of the cache.
+    Returns (next-token logits [N, V], cache, cache_mask [N, P + T]) for N = B x G rows. The
+    unrolled decode's cache (`layers` given) holds only the prompt here and grows segment by segment."""
+    batch = prompt_ids.shape[0]
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, params.max_new_tokens), prompt_mask.dtype)], axis=1)
+    hidden, cache = prefill(model, layers, prompt_ids, cache_mask, params.prefill_chunk)
+    logits = model.logits(hidden[:, None])[:, 0]
+    repeat = partial(jnp.repeat, repeats=group_size, axis=0)
+    if layers is not None:
+        cache = cache.repeat(group_size)
+    else:
+        cache = KVCache(jnp.repeat(cache.k, group_size, axis=1), jnp.repeat(cache.v, group_size, axis=1))
+    return repeat(logits), cache, repeat(cache_mask)
+
+
+def decode_token(model: Decoder, layers, token, cache, cache_mask, index, visible: int):
+    """One decode step's forward pass for token [N] at cache slot `index`, reading the first
+    `visible` slots: (next-token logits [N, V], the cache with the token's keys and values written)."""
+    if layers is not None:
+        hidden, cache = model.decode_unrolled(token[:, None], layers, cache, cache_mask[:, :visible], index, return_hidden=True)
+    else:
+        hidden, cache = model(token[:, None], attention_mask=cache_mask, cache=cache, cache_index=index,
+                              return_hidden=True, visible_slots=visible)
+    return model.logits(hidden)[:, 0], cache
+
+
 class DecodeState(NamedTuple):
     step: jax.Array  # decode steps taken
     logits: jax.Array  # [N, V] for the next token
@@ -245,25 +294,42 @@ class DecodeState(NamedTuple):
     logprobs: jax.Array  # [N, T]
 
 
+def force_stop(token, step, stop_at, stop_ids, pad_id: int):
+    """Benchmarks' forced lengths: the token becomes the first stop id at step stop_at[row], and
+    a stop id sampled at any other step becomes pad_id, so rows stop exactly there."""
+    if stop_at is None:
+        return token
+    return jnp.where(step == stop_at, stop_ids[0], jnp.where(jnp.isin(token, stop_ids), pad_id, token))
+
+
+def finish_rollout(prompt_ids, prompt_mask, response, logprobs, steps, stop_ids, group_size: int) -> Rollout:
+    """The Rollout of sampled rows (shared by the engines): response [N, T] with pad after a row
+    stopped, steps = decode steps run; prompts [B, P] are repeated per group."""
+    new = response.shape[1]
+    is_stop = jnp.isin(response, stop_ids) & (jnp.arange(new)[None, :] < steps)
+    # 1 up to and including the first stop token; rows that never stop keep every sampled token.
+    stops_before = jnp.cumsum(is_stop, axis=1) - is_stop
+    response_mask = ((stops_before == 0) & (jnp.arange(new)[None, :] < steps)).astype(jnp.int32)
+    repeat = partial(jnp.repeat, repeats=group_size, axis=0)
+    return Rollout(
+        prompt_ids=repeat(prompt_ids),
+        prompt_mask=repeat(prompt_mask),
+        response_ids=response,
+        response_mask=response_mask,
+        logprobs=logprobs * response_mask,
+        lengths=response_mask.sum(axis=1),
+        decode_steps=steps,
+    )
+
+
 @partial(jax.jit, static_argnames=("graphdef", "params", "group_size"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: SamplingParams, group_size: int) -> Rollout:
+def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: SamplingParams, group_size: int, stop_at=None) -> Rollout:
     model: Decoder = nnx.merge(graphdef, state)
     unrolled = params.unrolls_layers(jax.default_backend())
     batch, prompt_len = prompt_ids.shape
     new = params.max_new_tokens
-    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new), prompt_mask.dtype)], axis=1)
-
-    # Prefill once per prompt, then give each of the G responses its own copy of the cache. The
-    # unrolled decode's cache holds only the prompt here and grows segment by segment.
     layers = model.unstacked_layers() if unrolled else None
-    hidden, cache = prefill(model, layers, prompt_ids, cache_mask, params.prefill_chunk)
-    logits = model.logits(hidden[:, None])[:, 0]
-    repeat = partial(jnp.repeat, repeats=group_size, axis=0)
-    if unrolled:
-        cache = cache.repeat(group_size)
-    else:
-        cache = KVCache(jnp.repeat(cache.k, group_size, axis=1), jnp.repeat(cache.v, group_size, axis=1))
-    logits, cache_mask = repeat(logits), repeat(cache_mask)
+    logits, cache, cache_mask = prefill_groups(model, layers, prompt_ids, prompt_mask, params, group_size)
     rows = batch * group_size
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
 
@@ -273,17 +339,13 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: Sampling
     def body(loop: DecodeState, visible) -> DecodeState:
         step, done = loop.step, loop.done
         token, logprob = sample_token(loop.logits, jax.random.fold_in(key, step), params)
+        token = force_stop(token, step, stop_at, stop_ids, params.pad_id)
         token = jnp.where(done, params.pad_id, token).astype(jnp.int32)
         response = loop.response.at[:, step].set(token)
         logprobs = loop.logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         done = done | jnp.isin(token, stop_ids)
-        if unrolled:
-            hidden, cache = model.decode_unrolled(token[:, None], layers, loop.cache, cache_mask[:, :visible],
-                                                  prompt_len + step, return_hidden=True)
-        else:
-            hidden, cache = model(token[:, None], attention_mask=cache_mask, cache=loop.cache, cache_index=prompt_len + step,
-                                  return_hidden=True, visible_slots=visible)
-        return DecodeState(step + 1, model.logits(hidden)[:, 0], cache, done, response, logprobs)
+        logits, cache = decode_token(model, layers, token, loop.cache, cache_mask, prompt_len + step, visible)
+        return DecodeState(step + 1, logits, cache, done, response, logprobs)
 
     decode = DecodeState(
         step=jnp.int32(0),
@@ -302,21 +364,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: Sampling
         if unrolled:
             decode = decode._replace(cache=decode.cache.grow(visible))
         decode = jax.lax.while_loop(partial(cond, end=end), partial(body, visible=visible), decode)
-    steps, response, logprobs = decode.step, decode.response, decode.logprobs
-
-    is_stop = jnp.isin(response, stop_ids) & (jnp.arange(new)[None, :] < steps)
-    # 1 up to and including the first stop token; rows that never stop keep every sampled token.
-    stops_before = jnp.cumsum(is_stop, axis=1) - is_stop
-    response_mask = ((stops_before == 0) & (jnp.arange(new)[None, :] < steps)).astype(jnp.int32)
-    return Rollout(
-        prompt_ids=repeat(prompt_ids),
-        prompt_mask=repeat(prompt_mask),
-        response_ids=response,
-        response_mask=response_mask,
-        logprobs=logprobs * response_mask,
-        lengths=response_mask.sum(axis=1),
-        decode_steps=steps,
-    )
+    return finish_rollout(prompt_ids, prompt_mask, decode.response, decode.logprobs, decode.step, stop_ids, group_size)
 
 
 def generate(
@@ -326,13 +374,26 @@ def generate(
     key: jax.Array,
     params: SamplingParams,
     group_size: int = 1,
+    stop_at=None,
 ) -> Rollout:
     """Sample `group_size` responses per prompt. `model_or_split` is a Decoder or (graphdef, state)
-    (pass the split form in loops: merging once outside avoids walking the object graph per call)."""
+    (pass the split form in loops: merging once outside avoids walking the object graph per call).
+    `stop_at` [rows] (benchmarks only): row i emits the first stop id at decode step stop_at[i]
+    and nowhere else (log-probs stay those of the sampled tokens); decode cost does not depend on which
+    token is sampled, so this sets the response lengths a bench wants."""
     if group_size < 1:
         raise ValueError(f"rollout.group_size must be >= 1, got {group_size}")
     if isinstance(model_or_split, Decoder):
         graphdef, state = nnx.split(model_or_split)
     else:
         graphdef, state = model_or_split
-    return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), key, params=params, group_size=group_size)
+    if stop_at is not None:
+        if not params.stop_ids or params.pad_id in params.stop_ids:
+            raise ValueError("stop_at needs a stop token (SamplingParams.stop_ids) and a pad_id that is not one")
+        stop_at = jnp.asarray(stop_at, jnp.int32)
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    if params.engine == "compact":
+        from pacs_jax.compact import generate_compact
+
+        return generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params, group_size, stop_at)
+    return _generate(graphdef, state, prompt_ids, prompt_mask, key, params=params, group_size=group_size, stop_at=stop_at)

@@ -1,0 +1,136 @@
+"""Rollout throughput when responses stop at different lengths: the compacting engine
+(`rollout.engine: compact`) against the static loop, in the same run.
+
+    python -m bench.rollout_lengths                               # tiny model, rlvr / uniform / all-max
+    python -m bench.rollout_lengths --models tiny smollm2 --dists rlvr all-max
+    python -m bench.rollout_lengths --prompts 16 --group 8 --new-tokens 512
+
+Both engines sample the same random-weight model from the same prompts, and every row emits the
+stop token at a step drawn from the distribution (`generate(..., stop_at=...)`; a decode step's
+cost does not depend on which token it samples):
+
+    rlvr     log-normal, mean a quarter of the cap, about 3% of rows clipped at the cap (RLVR runs on
+             maths: mean responses of 600-1500 tokens against 4096)
+    uniform  uniform over 1 .. cap
+    all-max  every row runs to the cap (the compacting engine's worst case: nothing to compact)
+
+Reported: useful tokens/s = real response tokens (up to and including the stop token) / wall time
+of the whole `generate` (prefill included), best of `--repeats` after a warm-up call with the
+same lengths (so compile time is excluded and reported apart). Writes JSON (default
+bench/out/rollout_lengths.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bench.common import OUT_DIR, TINY_HF_CONFIG, machine_info, timed, write_json
+from pacs_jax.models import DecoderConfig, init_decoder
+from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+
+# SmolLM2-135M's shape (random weights: lengths are forced, so the weights do not matter).
+SMOLLM2_HF_CONFIG = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+)
+MODELS = {"tiny": TINY_HF_CONFIG, "smollm2": SMOLLM2_HF_CONFIG}
+DISTRIBUTIONS = ("rlvr", "uniform", "all-max")
+STOP_ID = 2
+
+
+def response_lengths(dist: str, rows: int, cap: int, seed: int = 0) -> np.ndarray:
+    """Lengths in 1 .. cap (the stop token included; `cap` = never stopped)."""
+    rng = np.random.default_rng(seed)
+    if dist == "rlvr":
+        # Log-normal with mean cap / 4 and P(X >= cap) = 3%: sigma solves
+        # ln 4 + sigma^2 / 2 = z_0.97 * sigma (z = 1.881), the smaller root.
+        z = 1.8808
+        sigma = z - math.sqrt(z * z - 2 * math.log(4))
+        mu = math.log(cap / 4) - sigma * sigma / 2
+        lengths = np.ceil(rng.lognormal(mu, sigma, rows))
+    elif dist == "uniform":
+        lengths = rng.integers(1, cap + 1, rows)
+    elif dist == "all-max":
+        lengths = np.full(rows, cap)
+    else:
+        raise ValueError(f"unknown distribution {dist!r}; choose from {list(DISTRIBUTIONS)}")
+    return np.clip(lengths, 1, cap).astype(np.int32)
+
+
+def run_engine(split, ids, mask, params: SamplingParams, group: int, stop_at, repeats: int) -> dict:
+    def sample():
+        return generate(split, ids, mask, jax.random.key(0), params, group, stop_at=stop_at)
+
+    out, first_s = timed(sample)
+    best = min(timed(sample)[1] for _ in range(repeats))
+    useful = int(np.asarray(out.lengths).sum())
+    return {
+        "engine": params.engine, "first_call_s": first_s, "steady_s": best, "useful_tokens": useful,
+        "useful_tokens_per_s": useful / best, "decode_steps": int(out.decode_steps),
+        "lengths": np.asarray(out.lengths),
+    }
+
+
+def bench_model(name: str, args) -> list[dict]:
+    config = DecoderConfig.from_hf({**MODELS[name], "model_type": "llama"})
+    split = nnx.split(init_decoder(config, seed=0))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, config.vocab_size, int(rng.integers(20, 101))).tolist() for _ in range(args.prompts)]
+    ids, mask = pad_prompts(prompts, [128], pad_id=0)
+    rows, cap = args.prompts * args.group, args.new_tokens
+    common = dict(temperature=1.0, stop_ids=(STOP_ID,), pad_id=0, decode_segments=args.decode_segments)
+    static = SamplingParams(cap, **common)
+    compact = SamplingParams(cap, **common, engine="compact", compact_every=args.compact_every, compact_buckets=args.compact_buckets)
+    results = []
+    for dist in args.dists:
+        lengths = response_lengths(dist, rows, cap, args.seed)
+        stop_at = lengths - 1  # the step that emits the stop token; cap - 1 + 1 = never
+        stop_at[lengths == cap] = cap
+        runs = {}
+        for engine, params in (("static", static), ("compact", compact)):
+            runs[engine] = run_engine(split, ids, mask, params, args.group, stop_at, args.repeats)
+            # The forced lengths are what both engines produced.
+            np.testing.assert_array_equal(runs[engine].pop("lengths"), lengths)
+            print(f"{name} {dist} {engine}: {runs[engine]['useful_tokens_per_s']:.0f} useful tok/s "
+                  f"({runs[engine]['steady_s']:.2f} s, first call {runs[engine]['first_call_s']:.1f} s)", flush=True)
+        results.append({
+            "model": name, "distribution": dist, "rows": rows, "prompts": args.prompts, "group": args.group,
+            "max_new_tokens": cap, "mean_length": float(lengths.mean()), "clipped_fraction": float((lengths == cap).mean()),
+            "compact_every": args.compact_every, "compact_buckets": args.compact_buckets,
+            "decode_segments": args.decode_segments, **{engine: run for engine, run in runs.items()},
+            "compact_over_static": runs["compact"]["useful_tokens_per_s"] / runs["static"]["useful_tokens_per_s"],
+        })
+        print(f"{name} {dist}: compact / static = {results[-1]['compact_over_static']:.2f}x", flush=True)
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny"])
+    parser.add_argument("--dists", nargs="+", choices=DISTRIBUTIONS, default=list(DISTRIBUTIONS))
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--decode-segments", type=int, default=4)
+    parser.add_argument("--compact-every", type=int, default=SamplingParams(1).compact_every)
+    parser.add_argument("--compact-buckets", type=int, default=SamplingParams(1).compact_buckets)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(OUT_DIR / "rollout_lengths.json"))
+    args = parser.parse_args(argv)
+    start = time.time()
+    results = [r for name in args.models for r in bench_model(name, args)]
+    payload = {"bench": "rollout_lengths", "machine": machine_info(), "args": vars(args), "results": results,
+               "wall_s": time.time() - start}
+    print(f"wrote {write_json(args.out, payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The compacting decode engine (`rollout.engine: compact`): decode cost follows the tokens generated.
+
+The static sampler (`pacs_jax.rollout`) decodes every row until the longest one stops, so with
+RLVR-like lengths (mean a quarter of the cap, a few rows clipped) most of its decode work goes to
+rows that are already done. This engine decodes in chunks of `compact_every` steps; between chunks
+the host reads how many rows are still running and, when that count fits a smaller bucket
+(a multiple of ceil(rows / compact_buckets)), gathers the unfinished rows and their KV caches
+into a batch of that size. Finished rows are written to the full-size output first.
+
+What it keeps from the static sampler (and why this design, not slot refill; see
+../shared/notes/continuous_batching.md): every row started at step 0, so all rows still write
+their keys at one shared cache column (`prompt_len + step`, a single `dynamic_update_slice`);
+one prefill per prompt; the same decode segments reading only the slots written by their end.
+Only the row count shrinks, and each row samples with the uniform drawn for its place in the
+full batch, so for a given key both engines sample the same tokens (up to float rounding of
+batch-size-dependent matmuls).
+
+The engine is a few jitted pure functions and a short host loop:
+    _start   prefill once per prompt, repeat per group          -> CompactState of all N rows
+    _decode  a while_loop of at most `compact_every` steps       (state donated: updated in place)
+    _regroup write finished rows out, gather the live ones into a smaller batch (and, for the
+             unrolled CPU decode, grow the per-layer caches to the next segment's slots)
+    _finish  the Rollout, exactly as the static sampler builds it
+Compiled shapes: (decode segments) x (buckets actually reached) decode loops.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache
+from pacs_jax.rollout import Rollout, SamplingParams, decode_token, finish_rollout, force_stop, prefill_groups, sample_token
+
+
+class CompactState(NamedTuple):
+    step: jax.Array  # scalar: decode steps taken (the same for every row)
+    logits: jax.Array  # [b, V] for the next token
+    cache: KVCache | LayerKVCache  # b rows
+    cache_mask: jax.Array  # [b, P + T]
+    done: jax.Array  # [b] bool
+    row_ids: jax.Array  # [b] each row's place in the full batch; N marks a padding row
+    response: jax.Array  # [b, T]
+    logprobs: jax.Array  # [b, T]
+
+
+class Output(NamedTuple):
+    """The full batch's responses, written as rows leave the running batch."""
+
+    response: jax.Array  # [N, T]
+    logprobs: jax.Array  # [N, T]
+
+
+def bucket_rows(live: int, total: int, buckets: int) -> int:
+    """The running batch's row count for `live` unfinished rows of `total`: the next multiple of
+    ceil(total / buckets), so at most `buckets` shapes are ever compiled."""
+    quantum = -(-total // buckets)
+    return min(total, -(-live // quantum) * quantum)
+
+
+def _stop_ids(params: SamplingParams) -> jax.Array:
+    return jnp.asarray(params.stop_ids or (-1,), jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "params", "group_size", "unrolled"))
+def _start(graphdef, state, prompt_ids, prompt_mask, *, params: SamplingParams, group_size: int, unrolled: bool):
+    model: Decoder = nnx.merge(graphdef, state)
+    layers = model.unstacked_layers() if unrolled else None
+    logits, cache, cache_mask = prefill_groups(model, layers, prompt_ids, prompt_mask, params, group_size)
+    rows, new = logits.shape[0], params.max_new_tokens
+    response = jnp.full((rows, new), params.pad_id, jnp.int32)
+    logprobs = jnp.zeros((rows, new), jnp.float32)
+    loop = CompactState(jnp.int32(0), logits, cache, cache_mask, jnp.zeros((rows,), bool), jnp.arange(rows, dtype=jnp.int32),
+                        response, logprobs)
+    return layers, loop, Output(response, logprobs)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "params", "visible", "total_rows"), donate_argnames=("loop",))
+def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, params: SamplingParams, visible: int,
+            total_rows: int):
+    """Decode until step `end` (traced: one compiled loop serves every chunk of a segment) or until
+    every row is done. Returns (state, count of unfinished rows)."""
+    model: Decoder = nnx.merge(graphdef, state)
+    prompt_len = loop.cache_mask.shape[1] - params.max_new_tokens
+    stop_ids = _stop_ids(params)
+    # Padding rows (row id N) are done: whatever they clip to is never used.
+    forced = None if stop_at is None else jnp.take(stop_at, loop.row_ids, mode="clip")
+
+    def cond(loop: CompactState):
+        return (loop.step < end) & ~jnp.all(loop.done)
+
+    def body(loop: CompactState) -> CompactState:
+        step, done = loop.step, loop.done
+        # The uniform drawn for each row's place in the full batch: the static sampler's draw.
+        token, logprob = sample_token(loop.logits, jax.random.fold_in(key, step), params, loop.row_ids, total_rows)
+        token = force_stop(token, step, forced, stop_ids, params.pad_id)
+        token = jnp.where(done, params.pad_id, token).astype(jnp.int32)
+        response = loop.response.at[:, step].set(token)
+        logprobs = loop.logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = decode_token(model, layers, token, loop.cache, loop.cache_mask, prompt_len + step, visible)
+        return loop._replace(step=step + 1, logits=logits, cache=cache, done=done, response=response, logprobs=logprobs)
+
+    loop = jax.lax.while_loop(cond, body, loop)
+    return loop, jnp.sum(~loop.done)
+
+
+def _write_out(loop: CompactState, out: Output) -> Output:
+    # Padding rows carry row id N: out of bounds, dropped.
+    return Output(out.response.at[loop.row_ids].set(loop.response, mode="drop"),
+                  out.logprobs.at[loop.row_ids].set(loop.logprobs, mode="drop"))
+
+
+def _take_rows(cache: KVCache | LayerKVCache, order: jax.Array):
+    if isinstance(cache, LayerKVCache):  # [rows, ...] per layer
+        return LayerKVCache(tuple(k[order] for k in cache.k), tuple(v[order] for v in cache.v))
+    return KVCache(cache.k[:, order], cache.v[:, order])  # [layers, rows, ...]
+
+
+@partial(jax.jit, static_argnames=("rows", "slots"), donate_argnames=("out",))
+def _regroup(loop: CompactState, out: Output, *, rows: int, slots: int):
+    """Writes every row out, then keeps the first `rows` rows with unfinished ones first (in their
+    order), marking the rest padding; with `slots` (unrolled decode), grows the caches to it."""
+    out = _write_out(loop, out)
+    if rows < loop.done.shape[0]:
+        order = jnp.argsort(loop.done, stable=True)[:rows]
+        # Rows past the live count are finished rows already written out: padding from now on.
+        padding = jnp.arange(rows) >= jnp.sum(~loop.done)
+        loop = CompactState(
+            step=loop.step,
+            logits=loop.logits[order],
+            cache=_take_rows(loop.cache, order),
+            cache_mask=loop.cache_mask[order],
+            done=loop.done[order],
+            row_ids=jnp.where(padding, out.response.shape[0], loop.row_ids[order]),
+            response=loop.response[order],
+            logprobs=loop.logprobs[order],
+        )
+    if slots > loop.cache.slots:
+        loop = loop._replace(cache=loop.cache.grow(slots))
+    return loop, out
+
+
+@partial(jax.jit, static_argnames=("params", "group_size"))
+def _finish(loop: CompactState, out: Output, prompt_ids, prompt_mask, *, params: SamplingParams, group_size: int) -> Rollout:
+    out = _write_out(loop, out)
+    return finish_rollout(prompt_ids, prompt_mask, out.response, out.logprobs, loop.step, _stop_ids(params), group_size)
+
+
+def generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params: SamplingParams, group_size: int,
+                     stop_at=None) -> Rollout:
+    """`rollout.generate` with the compacting engine (called through it: same arguments, same Rollout)."""
+    unrolled = params.unrolls_layers(jax.default_backend())
+    layers, loop, out = _start(graphdef, state, prompt_ids, prompt_mask, params=params, group_size=group_size,
+                               unrolled=unrolled)
+    total = rows = loop.done.shape[0]
+    prompt_len = prompt_ids.shape[1]
+    step, live = 0, total
+    for end in params.segment_ends():
+        visible = prompt_len + end
+        while step < end and live:
+            target = bucket_rows(live, total, params.compact_buckets)
+            grow = visible if unrolled and loop.cache.slots < visible else 0
+            if target < rows or grow:
+                loop, out = _regroup(loop, out, rows=target, slots=grow)
+                rows = target
+            step = min(end, step + params.compact_every)
+            loop, live = _decode(graphdef, state, layers, loop, key, jnp.int32(step), stop_at, params=params,
+                                 visible=visible, total_rows=total)
+            live = int(live)  # the host's one sync per chunk: it decides the next batch shape
+    return _finish(loop, out, prompt_ids, prompt_mask, params=params, group_size=group_size)

@@ -1,0 +1,187 @@
+"""The compacting decode engine (`rollout.engine: compact`, pacs_jax/compact.py) against the same
+references as the static sampler: transformers' greedy generate, the static sampler's own draws
+for the same key, and the sampling distribution (chi-square). Every test makes the running batch
+shrink (buckets of one row, a compaction check every step or two)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pacs_jax import compact
+from pacs_jax.config import Config, ConfigError, validate
+from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
+from pacs_jax.rollout import SamplingParams, generate, pad_prompts, sampling_weights
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=256)
+
+
+def tiny_llama(seed: int):
+    return init_decoder(DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4}), seed=seed)
+
+
+@pytest.fixture
+def regroups(monkeypatch):
+    """The row counts the engine compacted to, in order."""
+    seen = []
+    original = compact._regroup
+
+    def spy(loop, out, *, rows, slots):
+        seen.append(rows)
+        return original(loop, out, rows=rows, slots=slots)
+
+    monkeypatch.setattr(compact, "_regroup", spy)
+    return seen
+
+
+def compacting(**kwargs) -> dict:
+    """Settings under which the running batch shrinks as soon as one row finishes."""
+    return dict(engine="compact", compact_every=2, compact_buckets=1024, **kwargs)
+
+
+@pytest.mark.parametrize("kind,layers", [("llama", "scan"), ("qwen2", "unrolled")])
+def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        hf_model = transformers.LlamaForCausalLM(config).eval()
+    else:
+        config = transformers.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+        hf_model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights make greedy choices decisive (no near-ties)
+        for p in hf_model.parameters():
+            p.mul_(3.0)
+    hf_model.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, 97, n)) for n in (5, 12, 1, 9, 3, 7)]
+    ids, mask = pad_prompts(prompts, [16], pad_id=0)
+
+    def hf_greedy(eos_id):
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                                    max_new_tokens=12, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
+        return out[:, ids.shape[1]:].numpy()
+
+    # Stop tokens that greedy decoding emits at different steps of different rows, so rows finish
+    # (and leave the running batch) at different times.
+    free_run = hf_greedy(None)
+    stops = tuple(sorted({int(free_run[1, 2]), int(free_run[3, 6])}))
+    expected = hf_greedy(list(stops))
+    params = SamplingParams(12, temperature=0.0, stop_ids=stops, decode_layers=layers, prefill_chunk=4, decode_segments=3, **compacting())
+    out = generate(model, ids, mask, jax.random.key(0), params)
+    response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
+    for row in range(len(prompts)):
+        want = list(expected[row])
+        hits = [i for i, t in enumerate(want) if t in stops]
+        if hits:
+            want = want[: hits[0] + 1]
+        got = list(response[row][response_mask[row] == 1])
+        assert got == want, (row, got, want)
+        assert int(out.lengths[row]) == len(want)
+    assert regroups and regroups[-1] < len(prompts), regroups
+
+
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_samples_what_the_static_sampler_samples(layers, regroups):
+    """For one key both engines draw the same tokens with the same log-probs and response masks
+    (each row takes the uniform drawn for its place in the full batch), and the rows of a group
+    stay contiguous."""
+    model = tiny_llama(seed=3)
+    ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13]], [12], 0)
+    sampling = dict(temperature=0.8, top_k=30, top_p=0.9, stop_ids=tuple(range(3, 15)), decode_layers=layers, decode_segments=3)
+    static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling), group_size=4)
+    ours = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling, **compacting()), group_size=4)
+    for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "lengths", "decode_steps"):
+        np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(static, field)), err_msg=field)
+    np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(static.logprobs), atol=1e-5)
+    lengths = np.asarray(ours.lengths)
+    assert lengths.min() < 16 and len(set(lengths.tolist())) > 2, lengths  # rows finished at different steps
+    assert regroups and regroups[-1] < 12, regroups
+    again = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling, **compacting()), group_size=4)
+    np.testing.assert_array_equal(np.asarray(again.response_ids), np.asarray(ours.response_ids))
+    other = generate(model, ids, mask, jax.random.key(6), SamplingParams(16, **sampling, **compacting()), group_size=4)
+    assert not np.array_equal(np.asarray(other.response_ids), np.asarray(ours.response_ids))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (8, 0.8)])
+def test_sampling_distribution_chi_square(top_k, top_p, regroups):
+    """Every token the engine samples, in every row and step (after compactions), follows the
+    model's distribution at its context: with F the CDF over ids of softmax(logits / T) restricted
+    to top-k and the top-p nucleus, the randomised PIT F(t - 1) + V * p(t) (V uniform) of a token t
+    drawn from p is uniform on (0, 1), independently across steps; chi-square over 10 bins."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    config = DecoderConfig.from_hf({**TINY, "vocab_size": 16, "model_type": "llama", "num_attention_heads": 4})
+    model = init_decoder(config, seed=5)
+    # Large weights give peaked, context-dependent distributions.
+    model.lm_head[...] = model.lm_head[...] * 5.0
+    ids, mask = pad_prompts([[4, 5, 6], [7, 8], [9, 10, 11, 12]], [4], 0)
+    temperature, new = 0.9, 6
+    params = SamplingParams(new, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=(3, 4), **compacting())
+    out = generate(model, ids, mask, jax.random.key(11), params, group_size=128)
+    assert regroups and regroups[-1] < 384, regroups
+    full_ids = np.concatenate([np.asarray(out.prompt_ids), np.asarray(out.response_ids)], axis=1)
+    full_mask = np.concatenate([np.asarray(out.prompt_mask), np.asarray(out.response_mask)], axis=1)
+    logits = np.asarray(model(jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask)), np.float64)
+    prompt_len = ids.shape[1]
+    rng = np.random.default_rng(0)
+    pits = []
+    for row, row_mask in enumerate(np.asarray(out.response_mask)):
+        for t in np.flatnonzero(row_mask):
+            weights = np.asarray(sampling_weights(jnp.asarray(logits[row, prompt_len + t - 1] / temperature, jnp.float32)[None], top_k, top_p))[0]
+            p = weights / weights.sum()
+            token = full_ids[row, prompt_len + t]
+            assert p[token] > 0, (row, t, token)
+            pits.append(p[:token].sum() + rng.uniform() * p[token])
+    counts = np.histogram(pits, bins=10, range=(0, 1))[0]
+    assert len(pits) > 1000
+    stat, p_value = scipy_stats.chisquare(counts)
+    assert p_value > 1e-3, (stat, p_value, counts)
+
+
+def test_forced_lengths_in_both_engines():
+    """bench/rollout_lengths.py's `stop_at`: each row stops exactly at its step (a stop token
+    sampled elsewhere is replaced by padding), in both engines."""
+    model = tiny_llama(seed=1)
+    ids, mask = pad_prompts([[4, 5, 6], [7, 8]], [4], 0)
+    stop_at = np.array([0, 3, 9, 20, 5, 1])  # 20 = never: the row is clipped at 10
+    for engine in ("static", "compact"):
+        params = SamplingParams(10, temperature=1.0, stop_ids=(3, 4, 5), engine=engine, compact_every=1, compact_buckets=6)
+        out = generate(model, ids, mask, jax.random.key(0), params, group_size=3, stop_at=stop_at)
+        np.testing.assert_array_equal(np.asarray(out.lengths), [1, 4, 10, 10, 6, 2], err_msg=engine)
+    with pytest.raises(ValueError, match="pad_id that is not one"):
+        generate(model, ids, mask, jax.random.key(0), SamplingParams(4, stop_ids=(0,)), stop_at=np.zeros(2))
+
+
+def test_bucket_rows():
+    assert [compact.bucket_rows(n, 64, 16) for n in (64, 63, 60, 33, 5, 4, 1)] == [64, 64, 60, 36, 8, 4, 4]
+    assert compact.bucket_rows(3, 64, 1) == 64  # one bucket: never compacts
+    assert compact.bucket_rows(3, 10, 4) == 3 and compact.bucket_rows(10, 10, 4) == 10  # quantum 3, capped at 10
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(engine="paged"), "rollout.engine must be one of"),
+        (dict(compact_every=0), "rollout.compact_every must be >= 1"),
+        (dict(compact_buckets=0), "rollout.compact_buckets must be >= 1"),
+    ],
+)
+def test_bad_engine_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [("engine", "paged", "rollout.engine must be"), ("compact_every", 0, "rollout.compact_every must be >= 1"),
+     ("compact_buckets", -1, "rollout.compact_buckets must be >= 1")],
+)
+def test_bad_engine_config_names_the_field(key, value, match):
+    config = Config()
+    setattr(config.rollout, key, value)
+    with pytest.raises(ConfigError, match=match):
+        validate(config)
+    assert Config().rollout.engine_options()["engine"] == Config().rollout.engine
