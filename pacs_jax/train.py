@@ -179,8 +179,11 @@ def train(config: Config) -> dict:
             (epath.Path(folder) / "DONE").unlink(missing_ok=True)
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(tokenizer.eos_ids), tokenizer.pad_id,
                               **r.engine_options())
-    # Old log-probs in chunks of one micro-batch: the same peak memory as a gradient step.
-    prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature, chunks=t.mini_batches * t.micro_batches)
+    # Old log-probs in chunks of one micro-batch: the same peak memory as a gradient step. The
+    # first mini-batch's are the update's own forward pass (on-policy by construction), so with
+    # one mini-batch (and no critic or reference) this pass computes nothing.
+    prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature, chunks=t.mini_batches * t.micro_batches,
+                              on_policy_chunks=t.micro_batches)
     update = make_update_fn(
         graphdefs, optimizer, algorithm, group_size=r.group_size, mini_batches=t.mini_batches,
         micro_batches=t.micro_batches, temperature=r.temperature, state_sharding=state_sharding,
@@ -209,6 +212,10 @@ def train(config: Config) -> dict:
 
                 # Dispatch the old log-probs, then check answers on the host while the device works.
                 rollout_arrays = {k: getattr(rollout, k) for k in ROLLOUT_KEYS}
+                pack_stats = {}
+                if t.pack_row_tokens:
+                    packed, pack_stats = _pack(config, mesh, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer.pad_id)
+                    rollout_arrays.update(packed)
                 extras = prepare(state.params, reference, rollout_arrays)
                 first, last = sharding.process_slice(len(response_ids), mesh)
                 texts = decode_responses(tokenizer, response_ids[first:last], response_mask[first:last])
@@ -219,7 +226,8 @@ def train(config: Config) -> dict:
                 reward_s = time.perf_counter() - timer - rollout_s
 
                 state_valid = False  # the update donates the state
-                state, update_metrics = update(state, {**rollout_arrays, **extras, "rewards": rewards})
+                batch = {**rollout_arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs}
+                state, update_metrics = update(state, batch)
                 update_metrics = jax.device_get(update_metrics)
                 state_valid = True
                 complete = (step, stream.state())
@@ -233,6 +241,7 @@ def train(config: Config) -> dict:
                     "response_length/max": float(lengths.max()),
                     "response_length/clip_fraction": float(np.mean(lengths == r.max_new_tokens)),
                     **{k: float(v) for k, v in update_metrics.items()},
+                    **pack_stats,
                     "time/step_s": step_s,
                     "time/rollout_s": rollout_s,
                     "time/reward_s": reward_s,
@@ -342,6 +351,21 @@ def _upload_logs(local: Path, remote: str, main: bool) -> None:
             target = epath.Path(remote) / path.relative_to(local).as_posix()
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
+
+
+def _pack(config: Config, mesh, prompt_ids, prompt_mask, response_ids, response_mask, pad_id: int):
+    """The packed layout (pacs_jax.packing) of this step's rollout, planned identically on every
+    process from the global host arrays; each process feeds the rows its devices hold."""
+    from pacs_jax.packing import pack_rollout
+
+    t, group = config.trainer, config.rollout.group_size
+    packed, stats = pack_rollout(
+        np.repeat(prompt_ids, group, axis=0), np.repeat(prompt_mask, group, axis=0), response_ids, response_mask,
+        micro_batches=t.mini_batches * t.micro_batches, row_tokens=t.pack_row_tokens,
+        row_multiple=sharding.batch_size_divisor(mesh), pad_id=pad_id,
+    )
+    local = {k: v[slice(*sharding.process_slice(len(v), mesh))] for k, v in packed.items()}
+    return sharding.shard_batch(local, mesh), stats
 
 
 def _to_host(tree):

@@ -21,9 +21,12 @@ from pacs_jax.algorithms import gae, grpo_loss, outcome_token_rewards, pacs_loss
 from pacs_jax.algorithms.common import masked_mean
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models.llama import Decoder
+from pacs_jax.packing import PACKED_KEYS
 from pacs_jax.sharding import constrain
 
 ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+# What the forward passes read: the rollout, and the packed layout when the batch is packed.
+FORWARD_KEYS = ROLLOUT_KEYS + PACKED_KEYS
 
 
 def response_logprobs(
@@ -40,17 +43,45 @@ def response_logprobs(
     Logits are divided by the sampling temperature, as the sampler did, so on-policy the two agree.
     With `with_entropy`, also the per-token entropy of that distribution.
     """
-    hidden = response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = model.logits(hidden)
-    if temperature > 0:
-        logits = logits / temperature
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    token_logprobs = jnp.take_along_axis(log_probs, response_ids[..., None], axis=-1)[..., 0]
-    token_logprobs = token_logprobs * response_mask
-    if not with_entropy:
-        return token_logprobs
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1) * response_mask
-    return token_logprobs, entropy
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids, "response_mask": response_mask}
+    return batch_logprobs(model, batch, temperature, with_entropy)
+
+
+def batch_logprobs(model: Decoder, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
+    """`response_logprobs` of a batch dict: the rollout (ROLLOUT_KEYS), packed or not (PACKED_KEYS)."""
+
+    def head(hidden, labels):
+        logits = model.logits(hidden)
+        if temperature > 0:
+            logits = logits / temperature
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        token_logprobs = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+        if not with_entropy:
+            return (token_logprobs,)
+        return token_logprobs, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+    out = per_response_token(model, batch, head)
+    return out if with_entropy else out[0]
+
+
+def per_response_token(model: Decoder, batch: dict, head: Callable) -> tuple:
+    """`head(hidden [B, S, D], labels [B, S])` -> tuple of [B, S] float32, evaluated at the positions
+    that predict each response token (labels: that token), each returned as [N, T] (0 on padding).
+
+    Unpacked: the hidden states of prompt + response rows, sliced to the response. Packed
+    (pacs_jax.packing): the head runs over the packed rows, and only its per-position scalars are
+    gathered back to [N, T] with the host's `take` indices (never hidden states or logits: rows and
+    responses may sit on different chips)."""
+    mask = batch["response_mask"]
+    if "segment_ids" not in batch:
+        hidden = response_hidden(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
+        return tuple(x * mask for x in head(hidden, batch["response_ids"]))
+    ids = batch["packed_ids"]
+    hidden = model(ids, positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
+    # Position c predicts token c + 1 of its row; a segment's last position is never taken, so the
+    # label that rolls over from the next segment (or the row's start) is never used.
+    outs = head(hidden, jnp.roll(ids, -1, axis=1))
+    return tuple(x.reshape(-1)[batch["take"]] * mask for x in outs)
 
 
 def response_hidden(model: Decoder, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
@@ -90,10 +121,14 @@ class Critic(nnx.Module):
         self.value_head = nnx.Param(head, logical_axes=("embed",))
         self.value_bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
 
-    def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
-        hidden = response_hidden(self.decoder, prompt_ids, prompt_mask, response_ids, response_mask)
-        values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.value_head[...]) + self.value_bias[...]
-        return values * response_mask
+    def __call__(self, batch: dict) -> jax.Array:
+        """Values at the positions that predict each response token, [N, T] (0 on padding);
+        `batch` as for `batch_logprobs` (packed or not)."""
+
+        def head(hidden, labels):
+            return (jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.value_head[...]) + self.value_bias[...],)
+
+        return per_response_token(self.decoder, batch, head)[0]
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_updates: int) -> optax.Schedule:
@@ -148,15 +183,16 @@ def init_train_state(
 # ------------------------------------------------------------------------------- losses
 
 
-def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: int, temperature: float, num_tokens=None):
+def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: int, temperature: float, num_tokens=None,
+             on_policy=False):
     """The algorithm's loss on one micro-batch. `num_tokens` is the divisor of token-mean losses
-    (see `aggregate_loss`); None = this batch's own count of real tokens."""
+    (see `aggregate_loss`); None = this batch's own count of real tokens. Where `on_policy` (a
+    traced bool) holds, the old log-probs are this forward pass's own (stop-gradient): the ratio is
+    exactly 1 in any dtype, and batch["old_logprobs"] is not read."""
     policy = nnx.merge(graphdefs["policy"], params["policy"])
-    logprobs, entropy = response_logprobs(
-        policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"],
-        temperature=temperature, with_entropy=True,
-    )
+    logprobs, entropy = batch_logprobs(policy, batch, temperature, with_entropy=True)
     mask = batch["response_mask"]
+    batch = {**batch, "old_logprobs": jnp.where(on_policy, jax.lax.stop_gradient(logprobs), batch["old_logprobs"])}
     name = algorithm.name
     if name == "pacs":
         loss, metrics = pacs_loss(
@@ -180,7 +216,7 @@ def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: i
             algorithm.clip_low, algorithm.clip_high, algorithm.loss_agg_mode, algorithm.clip_ratio_c, **aggregation,
         )
         critic = nnx.merge(graphdefs["critic"], params["critic"])
-        values = critic(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
+        values = critic(batch)
         # The critic aggregates like the actor: verl's critic.loss_agg_mode defaults to the actor's
         # (since verl 2025-05-23, which the authors' code needs), and their PPO run sets only the actor's.
         critic_loss, critic_metrics = value_loss(
@@ -192,7 +228,22 @@ def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: i
     else:
         raise ValueError(f"algorithm.name {name!r} is not one of ['pacs', 'grpo', 'ppo', 'rloo']")
     metrics = {**metrics, "loss": loss, "entropy": masked_mean(entropy, mask)}
+    if "sampler_logprobs" in batch:
+        # The training forward's log-probs at the rollout's weights (this pass's own on-policy,
+        # the old-log-prob pass's otherwise) against the sampler's: sums here, means in `update`.
+        gap = jnp.abs(batch["old_logprobs"] - batch["sampler_logprobs"]) * mask
+        metrics[_DIFF_SUM], metrics[_DIFF_MAX] = jnp.sum(gap), jnp.max(gap)
     return loss, metrics
+
+
+_DIFF_SUM, _DIFF_MAX = "rollout/logprob_diff_sum", "rollout/logprob_diff_max"
+
+
+def _reduce_metrics(metrics: dict) -> dict:
+    """Means over the leading (scanned) axis, except the log-prob gap's sum and max."""
+    sums = {k: jnp.sum(metrics.pop(k)) for k in (_DIFF_SUM,) if k in metrics}
+    maxes = {k: jnp.max(metrics.pop(k)) for k in (_DIFF_MAX,) if k in metrics}
+    return {**jax.tree.map(jnp.mean, metrics), **sums, **maxes}
 
 
 def make_update_fn(
@@ -205,14 +256,22 @@ def make_update_fn(
     micro_batches: int,
     temperature: float = 1.0,
     state_sharding=None,
+    first_mini_batch_on_policy: bool = True,
 ) -> Callable:
     """update(state, batch) -> (state, metrics). `batch` holds [N, ...] arrays: the rollout
     (ROLLOUT_KEYS), "rewards" [N], "old_logprobs" [N, T], and per algorithm "ref_logprobs",
-    "old_values". N must be prompts x group_size with prompts divisible into mini and micro batches."""
+    "old_values"; optionally the packed layout (PACKED_KEYS, pacs_jax.packing, from the same
+    micro-batch count) and the sampler's "sampler_logprobs" [N, T] (then the metrics
+    rollout/logprob_diff_mean and _max compare them with the training forward's, per token).
+    N must be prompts x group_size with prompts divisible into mini and micro batches.
 
-    def split(x, prompts):
-        rows_per_micro = prompts // (mini_batches * micro_batches) * group_size
-        return x.reshape(mini_batches, micro_batches, rows_per_micro, *x.shape[1:])
+    The first mini-batch is on-policy by construction (`first_mini_batch_on_policy`): its old
+    log-probs are its own forward pass's, so the old-log-prob pass only serves mini-batches 2..k
+    (`make_prepare_fn(on_policy_chunks=micro_batches)`); False reads batch["old_logprobs"] there too."""
+
+    def split(x):
+        # Micro-batch m holds rows m * rows / (mini * micro) ...: groups (and packed rows) stay whole.
+        return x.reshape(mini_batches, micro_batches, x.shape[0] // (mini_batches * micro_batches), *x.shape[1:])
 
     def update(state: TrainState, batch: dict):
         rows = batch["rewards"].shape[0]
@@ -231,10 +290,12 @@ def make_update_fn(
             )
         # Keep each micro-batch's rows spread over the data axes (not the mini-batch axis, which
         # the scan walks): without this the partitioner may split the scanned axis instead.
-        batches = jax.tree.map(lambda x: constrain(split(x, prompts), (None, None, "batch")), batch)
+        batches = jax.tree.map(lambda x: constrain(split(x), (None, None, "batch")), batch)
+        on_policy = (jnp.arange(mini_batches) == 0) & first_mini_batch_on_policy
         grad_fn = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
 
-        def optimizer_step(state: TrainState, mini_batch):
+        def optimizer_step(state: TrainState, inputs):
+            mini_batch, first = inputs
             # Token means divide by the mini-batch's real tokens (per micro-batch on average), not each
             # micro-batch's own: then the mean of the micro-batch gradients is the mini-batch's gradient
             # however unevenly long and short responses fall into micro-batches.
@@ -242,7 +303,7 @@ def make_update_fn(
 
             def accumulate(grads, micro_batch):
                 (_, metrics), micro_grads = grad_fn(
-                    graphdefs, state.params, micro_batch, algorithm, group_size, temperature, num_tokens
+                    graphdefs, state.params, micro_batch, algorithm, group_size, temperature, num_tokens, first
                 )
                 return jax.tree.map(jnp.add, grads, micro_grads), metrics
 
@@ -257,44 +318,61 @@ def make_update_fn(
             new_params = optax.apply_updates(state.params, updates)
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             state = TrainState(keep(new_params, state.params), keep(new_opt_state, state.opt_state))
-            metrics = jax.tree.map(jnp.mean, metrics)
+            metrics = _reduce_metrics(metrics)
             metrics["grad_norm"] = grad_norm
             metrics["skipped_steps"] = (~finite).astype(jnp.float32)
             return state, metrics
 
-        state, metrics = jax.lax.scan(optimizer_step, state, batches)
+        state, metrics = jax.lax.scan(optimizer_step, state, (batches, on_policy))
         skipped = metrics.pop("skipped_steps").sum()
         grad_norms = metrics.pop("grad_norm")
-        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics = _reduce_metrics(metrics)
         metrics["skipped_steps"] = skipped
         # The mean over the steps that were taken (a skipped step's norm is inf/nan by definition).
         taken = jnp.isfinite(grad_norms)
         metrics["grad_norm"] = jnp.sum(jnp.where(taken, grad_norms, 0.0)) / jnp.maximum(taken.sum(), 1)
+        if _DIFF_SUM in metrics:
+            metrics["rollout/logprob_diff_mean"] = metrics.pop(_DIFF_SUM) / jnp.maximum(jnp.sum(batch["response_mask"]), 1)
         return state, metrics
 
     return jax.jit(update, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding is not None else None)
 
 
-def make_prepare_fn(graphdefs, algorithm: AlgorithmConfig, *, temperature: float = 1.0, chunks: int = 1) -> Callable:
+def make_prepare_fn(
+    graphdefs, algorithm: AlgorithmConfig, *, temperature: float = 1.0, chunks: int = 1, on_policy_chunks: int = 0
+) -> Callable:
     """prepare(params, ref_params, rollout_arrays) -> dict with "old_logprobs" (and "old_values"
     for PPO, "ref_logprobs" when a KL term asks for it), from the exact training forward pass.
-    Dispatched before the host checks rewards, so the two overlap. `chunks` bounds memory."""
+    Dispatched before the host checks rewards, so the two overlap. The rows go through in `chunks`
+    (bounding memory; with a packed batch, one per micro-batch of the update: mini x micro). The
+    first `on_policy_chunks` chunks' old log-probs are left 0 without a forward pass: they are the
+    first mini-batch's, which the update computes itself (pass the update's micro_batches)."""
+    if not 0 <= on_policy_chunks <= chunks:
+        raise ValueError(f"on_policy_chunks={on_policy_chunks} must be in [0, chunks={chunks}]")
 
     def prepare(params, ref_params, rollout: dict):
-        def one_chunk(chunk):
-            policy = nnx.merge(graphdefs["policy"], params["policy"])
-            args = [chunk[k] for k in ROLLOUT_KEYS]
-            out = {"old_logprobs": response_logprobs(policy, *args, temperature=temperature)}
+        policy = nnx.merge(graphdefs["policy"], params["policy"])
+
+        def one_chunk(inputs):
+            index, chunk = inputs
+            zeros = jnp.zeros(chunk["response_mask"].shape, jnp.float32)
+            # lax.map is a scan, so the cond really skips the forward pass of on-policy chunks.
+            old = jax.lax.cond(index < on_policy_chunks, lambda: zeros, lambda: batch_logprobs(policy, chunk, temperature))
+            out = {"old_logprobs": old}
             if algorithm.name == "ppo":
-                out["old_values"] = nnx.merge(graphdefs["critic"], params["critic"])(*args)
+                out["old_values"] = nnx.merge(graphdefs["critic"], params["critic"])(chunk)
             if ref_params is not None:
-                reference = nnx.merge(graphdefs["policy"], ref_params)
-                out["ref_logprobs"] = response_logprobs(reference, *args, temperature=temperature)
+                out["ref_logprobs"] = batch_logprobs(nnx.merge(graphdefs["policy"], ref_params), chunk, temperature)
             return out
 
         rows = rollout["response_ids"].shape[0]
-        chunked = {k: constrain(rollout[k].reshape(chunks, rows // chunks, *rollout[k].shape[1:]), (None, "batch")) for k in ROLLOUT_KEYS}
-        out = jax.lax.map(one_chunk, chunked)
+        if on_policy_chunks == chunks and algorithm.name != "ppo" and ref_params is None:
+            return {"old_logprobs": jnp.zeros(rollout["response_mask"].shape, jnp.float32)}  # nothing to compute
+        chunked = {
+            k: constrain(x.reshape(chunks, x.shape[0] // chunks, *x.shape[1:]), (None, "batch"))
+            for k, x in rollout.items() if k in FORWARD_KEYS
+        }
+        out = jax.lax.map(one_chunk, (jnp.arange(chunks), chunked))
         return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
 
     return jax.jit(prepare)
@@ -305,7 +383,7 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation) -> Callable
 
     def loss_fn(params, batch):
         policy = nnx.merge(graphdef, params)
-        logprobs = response_logprobs(policy, *(batch[k] for k in ROLLOUT_KEYS))
+        logprobs = batch_logprobs(policy, batch)
         mask = batch["response_mask"]
         return -jnp.sum(logprobs) / jnp.maximum(jnp.sum(mask), 1)
 

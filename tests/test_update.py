@@ -44,14 +44,15 @@ def rollout():
     return {**{k: getattr(out, k) for k in ROLLOUT_KEYS}, "rewards": rewards}
 
 
-def run_update(rollout, algorithm, optimizer, mini, micro, seed=0, corrupt=None):
+def run_update(rollout, algorithm, optimizer, mini, micro, seed=0, corrupt=None, first_on_policy=True):
     graphdefs, state = init_train_state(init_decoder(CONFIG, seed=seed), optimizer, algorithm.name == "ppo")
     prepare = make_prepare_fn(graphdefs, algorithm)
     reference = nnx.state(init_decoder(CONFIG, seed=5)) if algorithm.kl_coef > 0 else None
     batch = {**rollout, **prepare(state.params, reference, {k: rollout[k] for k in ROLLOUT_KEYS})}
     if corrupt is not None:
         batch = corrupt(batch)
-    update = make_update_fn(graphdefs, optimizer, algorithm, group_size=GROUP, mini_batches=mini, micro_batches=micro)
+    update = make_update_fn(graphdefs, optimizer, algorithm, group_size=GROUP, mini_batches=mini, micro_batches=micro,
+                            first_mini_batch_on_policy=first_on_policy)
     return update(state, batch)
 
 
@@ -131,7 +132,9 @@ def test_ppo_update_is_verls_ppo_on_the_same_logprobs_and_values(rollout, mode):
     graphdefs, state = init_train_state(init_decoder(CONFIG, seed=0), SGD_BOTH, True)
     on_policy = prepared_batch(rollout, algorithm, state, graphdefs)  # the current weights' log-probs and values
     batch = off_policy(on_policy, seed=3)
-    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=micro)
+    # Deliberately off-policy old log-probs in the first mini-batch: read them, not the update's own.
+    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=micro,
+                            first_mini_batch_on_policy=False)
     bias_before = float(state.params["critic"]["value_bias"][...])
     decoder_before = flat(state.params["critic"]["decoder"])
     new_state, metrics = update(state, batch)
@@ -177,7 +180,8 @@ def test_grpo_update_with_a_kl_term_is_verls_loss(rollout):
     reference = nnx.state(init_decoder(CONFIG, seed=5))
     on_policy = prepared_batch(rollout, algorithm, state, graphdefs, reference)
     batch = off_policy(on_policy, seed=4)
-    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=2)
+    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=2,
+                            first_mini_batch_on_policy=False)
     _, metrics = update(state, batch)
 
     mask = f64(batch["response_mask"])
@@ -225,16 +229,17 @@ def test_non_finite_gradient_skips_the_step(rollout):
         old[0, 0] = np.nan  # lands in the first mini-batch only
         return {**batch, "old_logprobs": jnp.asarray(old)}
 
-    state, metrics = run_update(rollout, algorithm, optimizer, mini=2, micro=1, corrupt=plant_nan)
+    # The first mini-batch reads the old log-probs it is given (by default it uses its own).
+    state, metrics = run_update(rollout, algorithm, optimizer, mini=2, micro=1, corrupt=plant_nan, first_on_policy=False)
     assert float(metrics["skipped_steps"]) == 1.0
     assert np.isfinite(flat(state.params)).all()
     # The second mini-batch's step was taken: one NaN in the first mini-batch leaves exactly the
     # state of a run whose whole first mini-batch is NaN (both skip step 1 and take step 2).
-    only_second = run_update(rollout, algorithm, optimizer, mini=2, micro=1,
+    only_second = run_update(rollout, algorithm, optimizer, mini=2, micro=1, first_on_policy=False,
                              corrupt=lambda b: {**b, "old_logprobs": b["old_logprobs"].at[:8].set(jnp.nan)})[0]
     assert not np.allclose(flat(state.params), initial)
     np.testing.assert_array_equal(flat(state.params), flat(only_second.params))
-    all_nan, m = run_update(rollout, algorithm, optimizer, mini=2, micro=1,
+    all_nan, m = run_update(rollout, algorithm, optimizer, mini=2, micro=1, first_on_policy=False,
                             corrupt=lambda b: {**b, "old_logprobs": b["old_logprobs"] * jnp.nan})
     assert float(m["skipped_steps"]) == 2.0
     np.testing.assert_array_equal(flat(all_nan.params), initial)

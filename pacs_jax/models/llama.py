@@ -445,13 +445,16 @@ class Decoder(nnx.Module):
         cache_index: jax.Array | int = 0,
         return_hidden: bool = False,
         visible_slots: Optional[int] = None,
+        segment_ids: Optional[jax.Array] = None,
     ):
         """input_ids [B, T] int32. Returns logits (or final hidden states with `return_hidden`),
         plus the updated cache when one is given. attention_mask [B, T] (or [B, S] with a cache: which cache slots
         hold real tokens) with 0 on left padding. positions default to the count of real tokens
         before each one, so left padding does not shift RoPE. `visible_slots` (static): with a
         cache, read only its first slots, which must hold every slot before `cache_index`
-        (the sampler's decode segments use it to skip slots not yet written)."""
+        (the sampler's decode segments use it to skip slots not yet written). `segment_ids` [B, T]
+        (no cache; pass `positions` too): packed rows holding several sequences back to back, each
+        attending causally within its own segment only (pacs_jax.packing)."""
         config = self.config
         compute = resolve_dtype(config.compute_dtype)
         batch, length = input_ids.shape
@@ -466,6 +469,11 @@ class Decoder(nnx.Module):
         # This call's tokens attend causally to the real ones among themselves.
         new_real = attention_mask if cache is None else jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, length, axis=1)
         own_mask = causal[None] & new_real[:, None, :]
+        if segment_ids is not None:
+            if cache is not None or positions is None:
+                raise ValueError("segment_ids (packed rows) need explicit positions and no cache")
+            # Segments are contiguous, so causal over columns and equal segment = causal within it.
+            own_mask = own_mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         # A prefill into an empty cache (index 0, known when tracing) attends to its own tokens only:
         # also scoring every empty slot made the SmolLM2 prefill 1.06x slower on CPU.
         fills_empty_cache = cache is not None and isinstance(cache_index, int) and cache_index == 0
