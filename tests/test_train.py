@@ -45,10 +45,10 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["pacs", "grpo", "ppo", "rloo"])
+# GRPO (with its KL term) runs end to end in test_grpo_with_kl_resumes_exactly.
+@pytest.mark.parametrize("algorithm", ["pacs", "ppo", "rloo"])
 def test_each_algorithm_runs_end_to_end(tmp_path, algorithm):
-    extra = ["algorithm.kl_coef=0.05"] if algorithm == "grpo" else []
-    config = tiny_config(tmp_path, f"algorithm.name={algorithm}", "trainer.total_steps=2", "trainer.save_every=1", *extra)
+    config = tiny_config(tmp_path, f"algorithm.name={algorithm}", "trainer.total_steps=2", "trainer.save_every=1")
     outputs = train(config)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
@@ -66,24 +66,8 @@ def test_each_algorithm_runs_end_to_end(tmp_path, algorithm):
     assert np.isfinite(np.asarray(policy.embed[...])).all()
 
 
-def test_exact_resume(tmp_path):
-    straight = tiny_config(tmp_path / "straight", "trainer.total_steps=6", "trainer.save_every=3")
-    train(straight)
-    first = tiny_config(tmp_path / "split", "trainer.total_steps=3", "trainer.save_every=3")
-    train(first)
-    resumed = tiny_config(tmp_path / "split", "trainer.total_steps=6", "trainer.save_every=3")
-    train(resumed)
-    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    skip = ("time/", "tokens_per_s", "reward/check_s")
-    for ra, rb in zip(a, b):
-        for key in ra:
-            if not key.startswith(skip):
-                assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
-    pa, _ = restore_policy(straight, str(tmp_path / "straight" / "checkpoints"), 6)
-    pb, _ = restore_policy(resumed, str(tmp_path / "split" / "checkpoints"), 6)
-    for x, y in zip(jax.tree.leaves(jax.tree.map(np.asarray, pa)), jax.tree.leaves(jax.tree.map(np.asarray, pb))):
-        np.testing.assert_array_equal(x, y)
+# Exact resume (metrics and parameters equal to an uninterrupted run, after SIGINT and after a
+# failed step) is tested on the debug config in test_debug_run.py; GRPO with KL below.
 
 
 def test_corrupt_latest_checkpoint_resumes_from_previous(tmp_path, caplog):
@@ -198,7 +182,10 @@ def test_grpo_with_kl_resumes_exactly(tmp_path):
     resumed = tiny_config(tmp_path / "split", *grpo, "trainer.total_steps=3")
     outputs = train(resumed)
     assert outputs["step"] == 3
-    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3]
+    records = read_metrics(tmp_path / "split")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and 0 <= r["reward/mean"] <= 1 for r in records)
+    assert any("kl" in key for key in records[0])  # the KL term is on
     assert_same_metrics(read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split"))
     assert_same_policy(straight, tmp_path / "straight" / "checkpoints", resumed, tmp_path / "split" / "checkpoints", 3)
 
