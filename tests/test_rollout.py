@@ -1,10 +1,14 @@
-"""The sampler against independent references: transformers' greedy generate, the training
-forward pass, and the softmax distribution (chi-square)."""
+"""The sampler against independent references: transformers' greedy generate, a float64
+log-softmax of transformers' logits for the sampled log-probs, the training forward pass, and the
+softmax distribution (chi-square)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
+import torch
+import transformers
 
 from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
 from pacs_jax.rollout import SamplingParams, _generate, generate, pad_prompts, sample_token, sampling_weights
@@ -16,8 +20,6 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_lay
 
 
 def hf_tiny(tmp_path, kind):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     if kind == "llama":
         config = transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
         cls = transformers.LlamaForCausalLM
@@ -34,8 +36,6 @@ def hf_tiny(tmp_path, kind):
 
 
 def hf_greedy(model, prompts, max_new_tokens, eos_id, pad_id=0):
-    import torch
-
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -94,23 +94,65 @@ def test_logprobs_equal_training_forward(layers):
     np.testing.assert_array_equal(np.asarray(grouped.prompt_ids)[1, 0], ids[1])
 
 
+def hf_float64_logprobs(hf_model, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """log softmax(logits / T) of each response token, from transformers' model in float64 over
+    the left-padded prompt and the response (positions count real tokens only)."""
+    model = hf_model.to(torch.float64)
+    ids = torch.tensor(np.concatenate([prompt_ids, response_ids], axis=1), dtype=torch.long)
+    mask = torch.tensor(np.concatenate([prompt_mask, response_mask], axis=1), dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    width = prompt_ids.shape[1]
+    predicting = logits[:, width - 1 : -1] / temperature  # position i predicts token i + 1
+    logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, torch.tensor(response_ids)[..., None].long())[..., 0]
+    return logprobs.numpy() * response_mask
+
+
+@pytest.mark.parametrize("layers", LAYER_LOOPS)
+def test_logprobs_match_a_float64_log_softmax_of_transformers_logits(layers, tmp_path):
+    """The sampler's log-probs are those of softmax(logits / T), before top-k / top-p truncation,
+    for prompts of different lengths (chunked prefill) and G responses each."""
+    hf_model = hf_tiny(tmp_path, "qwen2")
+    model = from_pretrained(tmp_path)
+    ids, mask = pad_prompts([[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]], [12], pad_id=0)
+    temperature = 0.7
+    params = SamplingParams(10, temperature=temperature, top_k=20, top_p=0.9, stop_ids=(3,), decode_layers=layers, prefill_chunk=4)
+    out = generate(model, ids, mask, jax.random.key(3), params, group_size=3)
+    response_mask = np.asarray(out.response_mask)
+    assert response_mask.sum() > 20
+    expected = hf_float64_logprobs(hf_model, np.asarray(out.prompt_ids), np.asarray(out.prompt_mask),
+                                   np.asarray(out.response_ids), response_mask, temperature)
+    got = np.asarray(out.logprobs)
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+    # Truncation did not renormalise them: top-p 0.9 would push some log-probs up to 0.
+    assert np.all(got[response_mask == 1] < 0)
+    assert np.all(got[response_mask == 0] == 0)
+
+
 def test_response_mask_ends_at_first_stop_token():
+    """Half the vocabulary are stop ids, so every row stops (the chance a row of 24 tokens misses
+    all of them is ~2^-24, and the seed is fixed): each row's first stop token ends its mask."""
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config)
     ids, mask = pad_prompts([[1, 2, 3]] * 4, [4], 0)
-    stops = (10, 20, 30, 40, 50)
-    out = generate(model, ids, mask, jax.random.key(1), SamplingParams(24, temperature=1.0, stop_ids=stops), group_size=2)
-    for row, row_mask in zip(np.asarray(out.response_ids), np.asarray(out.response_mask)):
-        n = int(row_mask.sum())
-        assert row_mask[:n].all() and not row_mask[n:].any()
-        hits = [i for i, t in enumerate(row) if t in stops and i < n]
-        if hits:
-            assert hits == [n - 1]
+    stops = tuple(range(10, 10 + TINY["vocab_size"] // 2))
+    out = generate(model, ids, mask, jax.random.key(1), SamplingParams(24, temperature=1.0, stop_ids=stops, pad_id=0), group_size=2)
+    first_stops = []
+    for row, row_mask, length in zip(np.asarray(out.response_ids), np.asarray(out.response_mask), np.asarray(out.lengths)):
+        hits = [i for i, t in enumerate(row) if t in stops]
+        assert hits, f"row {row} sampled no stop token"
+        first = hits[0]
+        first_stops.append(int(row[first]))
+        assert length == first + 1
+        assert row_mask[: first + 1].all() and not row_mask[first + 1 :].any()
+        assert (row[first + 1 :] == 0).all()  # pad after the stop
+    assert len(set(first_stops)) > 1  # several stop ids, each one honoured
+    assert int(out.decode_steps) <= max(int(n) for n in np.asarray(out.lengths)) < 24  # stopped early
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (8, 0.8)])
 def test_sampling_distribution_chi_square(top_k, top_p):
-    scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 1.5, 16).astype(np.float32)
     temperature = 0.8
@@ -136,7 +178,7 @@ def test_sampling_distribution_chi_square(top_k, top_p):
     expected = np.where(nucleus, probs_k, 0)
     expected /= expected.sum()
     assert counts[~nucleus].sum() == 0
-    stat, p_value = scipy_stats.chisquare(counts[nucleus], expected[nucleus] * draws)
+    stat, p_value = scipy.stats.chisquare(counts[nucleus], expected[nucleus] * draws)
     assert p_value > 1e-3, (stat, p_value)
 
 
