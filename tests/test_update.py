@@ -304,3 +304,66 @@ def test_group_split_is_rejected(rollout):
     optimizer = make_train_optimizer(algorithm, OptimizerConfig(), 1)
     with pytest.raises(ValueError, match="whole groups"):
         run_update(rollout, algorithm, optimizer, mini=3, micro=1)
+
+
+# ------------------------------------------------ on-policy by construction, sampler drift
+
+
+def test_first_mini_batch_is_exactly_on_policy_in_bfloat16(rollout):
+    """With bfloat16 compute the old-log-prob pass and the gradient's forward differ (different
+    programs, different rounding); the first mini-batch takes its old log-probs from its own
+    forward, so its ratio is exactly 1 and nothing is clipped, whatever old log-probs it is given."""
+    bf16 = dataclasses.replace(CONFIG, compute_dtype="bfloat16")
+    algorithm = AlgorithmConfig(name="grpo", clip_low=0.01, clip_high=0.01)
+    graphdefs, state = init_train_state(init_decoder(bf16, seed=0), SGD_BOTH, False)
+    batch = {**rollout, "old_logprobs": rollout["response_mask"] * 5.0}  # far off: ratio e^-5 if read
+    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=2)
+    _, metrics = update(state, batch)
+    assert float(metrics["actor/ratio_mean"]) == 1.0
+    assert float(metrics["actor/clip_fraction"]) == 0.0 and float(metrics["actor/approx_kl"]) == 0.0
+    # With the flag off the same batch is read as given: the ratios are far from 1.
+    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=1, micro_batches=2,
+                            first_mini_batch_on_policy=False)
+    _, metrics = update(init_train_state(init_decoder(bf16, seed=0), SGD_BOTH, False)[1], batch)
+    assert float(metrics["actor/clip_fraction"]) > 0.1
+
+
+def test_old_logprob_pass_skips_the_first_mini_batch(rollout):
+    algorithm = AlgorithmConfig(name="pacs")
+    graphdefs, state = init_train_state(init_decoder(CONFIG, seed=0), SGD_BOTH, False)
+    arrays = {k: rollout[k] for k in ROLLOUT_KEYS}
+    full = np.asarray(make_prepare_fn(graphdefs, algorithm, chunks=4)(state.params, None, arrays)["old_logprobs"])
+    later = np.asarray(make_prepare_fn(graphdefs, algorithm, chunks=4, on_policy_chunks=2)(state.params, None, arrays)["old_logprobs"])
+    np.testing.assert_array_equal(later[:8], 0.0)
+    np.testing.assert_allclose(later[8:], full[8:], atol=1e-6)
+    assert np.abs(full[8:]).max() > 0
+    nothing = make_prepare_fn(graphdefs, algorithm, chunks=2, on_policy_chunks=2)(state.params, None, arrays)
+    assert set(nothing) == {"old_logprobs"} and not np.asarray(nothing["old_logprobs"]).any()
+
+
+@pytest.mark.parametrize("mini,micro", [(1, 1), (2, 2)])
+def test_logprob_diff_metric_is_the_sampler_gap_recomputed_in_numpy(mini, micro):
+    """rollout/logprob_diff_mean and _max: |training forward - sampler| per real token at the
+    rollout's weights, over the whole batch (the first mini-batch's from the update's own forward,
+    the others' from the old-log-prob pass), against NumPy over the recorded sampler log-probs."""
+    model = init_decoder(CONFIG, seed=0)
+    rng = np.random.default_rng(1)
+    ids, mask = pad_prompts([list(rng.integers(3, 61, n)) for n in (3, 5, 2, 6)], [8], 0)
+    out = generate(model, ids, mask, jax.random.key(2), SamplingParams(8, temperature=0.7, stop_ids=(3, 4)), group_size=GROUP)
+    batch = {k: getattr(out, k) for k in ROLLOUT_KEYS}
+    training = np.asarray(response_logprobs(model, *(batch[k] for k in ROLLOUT_KEYS), temperature=0.7), np.float64)
+    # A gap the float32 sampler alone would not show: as if the sampler had run in another dtype.
+    sampler = np.asarray(out.logprobs, np.float64) + rng.normal(0, 0.05, training.shape) * np.asarray(out.response_mask)
+    gap = np.abs(training - sampler)[np.asarray(out.response_mask) == 1]
+
+    algorithm = AlgorithmConfig(name="pacs")
+    graphdefs, state = init_train_state(model, SGD_BOTH, False)
+    prepare = make_prepare_fn(graphdefs, algorithm, temperature=0.7, chunks=mini * micro, on_policy_chunks=micro)
+    extras = prepare(state.params, None, batch)
+    update = make_update_fn(graphdefs, SGD_BOTH, algorithm, group_size=GROUP, mini_batches=mini, micro_batches=micro, temperature=0.7)
+    full = {**batch, **extras, "rewards": jnp.asarray(rng.integers(0, 2, PROMPTS * GROUP), jnp.float32),
+            "sampler_logprobs": jnp.asarray(sampler, jnp.float32)}
+    _, metrics = update(state, full)
+    np.testing.assert_allclose(float(metrics["rollout/logprob_diff_mean"]), gap.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["rollout/logprob_diff_max"]), gap.max(), rtol=1e-4, atol=1e-6)
+    assert "rollout/logprob_diff_sum" not in metrics
