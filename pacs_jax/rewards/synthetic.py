@@ -5,6 +5,10 @@ is a short reference response ending in \\boxed{answer} for the supervised warm-
 are kept a few characters long so that a tiny character-level model learns them on a CPU.
 
 - arithmetic: "23+58" -> 81, checked by the ordinary maths verifier ("math").
+- carryfree: "324+152" -> 476, addition of two d-digit numbers (d = the difficulty) whose
+  digits never carry, so each answer digit is the sum of the two digits above it: a task a tiny
+  model learns within minutes, with 55^(d-1)*36 distinct problems for d >= 2 (108,900 at d=3),
+  so a validation set drawn with another seed is nearly all unseen. Checked by "math".
 - countdown: "Make 17 with 3 5 2" -> any expression such as 3*5+2 that uses each given
   number at most once and equals the target; its ground truth "3 5 2 -> 17" is checked by
   `countdown_score` ("pacs_jax.rewards.synthetic:countdown_score" in the pool).
@@ -18,7 +22,7 @@ from fractions import Fraction
 
 from pacs_jax.rewards.math import last_boxed
 
-TASKS = ("arithmetic", "countdown")
+TASKS = ("arithmetic", "carryfree", "countdown")
 MAX_EXPRESSION_CHARS = 200
 
 
@@ -66,6 +70,23 @@ def arithmetic(n: int, difficulty: int = 1, seed: int = 0) -> list[dict]:
     return rows
 
 
+def carryfree(n: int, difficulty: int = 1, seed: int = 0) -> list[dict]:
+    """n rows "a+b" of two `difficulty`-digit numbers (leading digit >= 1 from two digits up;
+    0..9 at one digit) whose column sums are all below 10, so no digit carries."""
+    _check_args(n, difficulty)
+    rng = random.Random(f"carryfree:{difficulty}:{seed}")
+    # Each column's digit pair uniformly among the pairs that do not carry.
+    pairs = [(a, b) for a in range(10) for b in range(10) if a + b <= 9]
+    leading = [(a, b) for a, b in pairs if a and b] if difficulty > 1 else pairs
+    rows = []
+    for _ in range(n):
+        columns = [rng.choice(leading)] + [rng.choice(pairs) for _ in range(difficulty - 1)]
+        a_text, b_text = ("".join(str(column[i]) for column in columns) for i in (0, 1))
+        answer = str(int(a_text) + int(b_text))
+        rows.append({"problem": f"{a_text}+{b_text}", "answer": answer, "solution": f"\\boxed{{{answer}}}"})
+    return rows
+
+
 def countdown(n: int, difficulty: int = 1, seed: int = 0) -> list[dict]:
     """n countdown rows: difficulty + 1 numbers in 1..20 and a reachable target in 1..999."""
     _check_args(n, difficulty)
@@ -92,9 +113,11 @@ def countdown(n: int, difficulty: int = 1, seed: int = 0) -> list[dict]:
 
 
 def generate(task: str, n: int, difficulty: int = 1, seed: int = 0) -> list[dict]:
-    """The rows of synthetic task `task` ("arithmetic" or "countdown")."""
+    """The rows of synthetic task `task` ("arithmetic", "carryfree" or "countdown")."""
     if task == "arithmetic":
         return arithmetic(n, difficulty, seed)
+    if task == "carryfree":
+        return carryfree(n, difficulty, seed)
     if task == "countdown":
         return countdown(n, difficulty, seed)
     raise ValueError(f"unknown synthetic task {task!r}; choose one of {list(TASKS)} (e.g. data.train=synthetic:arithmetic)")
