@@ -5,6 +5,13 @@ the same dtype measured in the same run), float32 vs bfloat16, with and without 
     python -m bench.update --quick          # tiny: all four variants; SmolLM2: float32, no remat
     python -m bench.update                  # SmolLM2-135M and tiny, {float32, bfloat16} x {none, full}
     python -m bench.update --models smollm2 --rows 16 --response-len 256
+    python -m bench.update --packing --models tiny --rows 32 --prompt-len 128 --response-len 1024
+
+`--packing`: instead, the packed against the padded update and old-log-prob pass on the same
+batch in the same run, responses of rlvr-like lengths (log-normal, mean a quarter of
+--response-len, 3% at the cap; bench.rollout_lengths) after prompts of half to all of
+--prompt-len real tokens. Reported: real tokens (prompt + response) per second of each, and
+packed / padded.
 
 The batch is `rows` responses (groups of `--group-size`) of `--response-len` tokens after
 `--prompt-len`-token prompts, all real tokens; the update is one optimizer step over it (one
@@ -92,6 +99,82 @@ def bench_variant(name: str, folder: Path, dtype: str, remat: str, args, peaks: 
     return row
 
 
+def rlvr_rollout(vocab_size: int, rows: int, prompt_len: int, response_len: int, group_size: int, seed: int = 0) -> dict:
+    """`synthetic_rollout` with real lengths: left-padded prompts of prompt_len / 2 .. prompt_len
+    tokens, responses of rlvr-like lengths (then padding)."""
+    from bench.rollout_lengths import response_lengths
+
+    rng = np.random.default_rng(seed)
+    batch = {k: np.array(v) for k, v in synthetic_rollout(vocab_size, rows, prompt_len, response_len, group_size, seed).items()}
+    prompt_real = np.repeat(rng.integers(prompt_len // 2, prompt_len + 1, rows // group_size), group_size)
+    response_real = response_lengths("rlvr", rows, response_len, seed)
+    batch["prompt_mask"] = (np.arange(prompt_len)[None] >= prompt_len - prompt_real[:, None]).astype(np.int32)
+    batch["response_mask"] = (np.arange(response_len)[None] < response_real[:, None]).astype(np.int32)
+    batch["prompt_ids"] *= batch["prompt_mask"]
+    batch["response_ids"] *= batch["response_mask"]
+    return batch
+
+
+def bench_packing(name: str, folder: Path, args) -> list[dict]:
+    """Padded vs packed on one rlvr-like batch: the update (one optimizer step, old log-probs of a
+    later mini-batch read from the batch) and the old-log-prob pass, same weights, same run."""
+    from pacs_jax.packing import pack_rollout
+
+    model = from_pretrained(folder, dtype="float32", remat=args.remat[0])
+    config = model.config
+    algorithm = AlgorithmConfig(name="pacs")
+    optimizer = make_train_optimizer(algorithm, OptimizerConfig(lr=1e-6), total_updates=100)
+    graphdefs, state = init_train_state(model, optimizer, with_critic=False)
+    del model
+    host = rlvr_rollout(config.vocab_size, args.rows, args.prompt_len, args.response_len, args.group_size)
+    real_tokens = int(host["prompt_mask"].sum() + host["response_mask"].sum())
+    packed, stats = pack_rollout(*(host[k] for k in ROLLOUT_KEYS), micro_batches=1,
+                                 row_tokens=args.prompt_len + args.response_len)
+    layouts = {"padded": {k: jnp.asarray(v) for k, v in host.items()}}
+    layouts["packed"] = {**layouts["padded"], **{k: jnp.asarray(v) for k, v in packed.items()}}
+    prepare = make_prepare_fn(graphdefs, algorithm)
+    # The update reads the old log-probs it is given, as mini-batches 2..k do.
+    update = make_update_fn(graphdefs, optimizer, algorithm, group_size=args.group_size, mini_batches=1, micro_batches=1,
+                            first_mini_batch_on_policy=False)
+    rows = []
+    for layout, batch in layouts.items():
+        label = f"[{name} {layout}]"
+        print(f"{label} ...", flush=True)
+        forward = {k: v for k, v in batch.items() if k != "rewards"}
+        with RssSampler() as rss:
+            old, prepare_first_s = timed(lambda: prepare(state.params, None, forward))
+            prepare_s = min(timed(lambda: prepare(state.params, None, forward))[1] for _ in range(args.repeats))
+            full = {**batch, **old}
+            start = time.perf_counter()
+            update.lower(state, full).compile()
+            compile_s = time.perf_counter() - start
+            (state, metrics), first_s = timed(lambda: update(state, full))
+            steady = []
+            for _ in range(args.repeats):
+                (state, metrics), seconds = timed(lambda: update(state, full))
+                steady.append(seconds)
+        positions = int(np.prod(batch["packed_ids"].shape)) if layout == "packed" else args.rows * (args.prompt_len + args.response_len)
+        row = {
+            "model": name, "layout": layout, "lengths": "rlvr", "rows": args.rows, "prompt_len": args.prompt_len,
+            "response_len": args.response_len, "real_tokens": real_tokens, "positions": positions,
+            "compile_s": compile_s, "first_call_s": first_s, "steady_s": min(steady), "steady_runs_s": steady,
+            "real_tokens_per_s": real_tokens / min(steady), "prepare_s": prepare_s,
+            "prepare_real_tokens_per_s": real_tokens / prepare_s, "peak_rss_bytes": rss.peak,
+            "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+        }
+        if layout == "packed":
+            row.update(stats)
+        print(f"  {row['real_tokens_per_s']:.0f} real tok/s update, {row['prepare_real_tokens_per_s']:.0f} old-log-prob pass, "
+              f"{positions} positions for {real_tokens} real tokens", flush=True)
+        rows.append(row)
+    padded, packed_row = rows
+    for key in ("real_tokens_per_s", "prepare_real_tokens_per_s"):
+        packed_row[f"{key}_vs_padded"] = packed_row[key] / padded[key]
+    print(f"  packed / padded: update {packed_row['real_tokens_per_s_vs_padded']:.2f}x, "
+          f"old-log-prob pass {packed_row['prepare_real_tokens_per_s_vs_padded']:.2f}x", flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,tiny", help="comma list of smollm2, tiny")
@@ -103,6 +186,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--response-len", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny: all variants; SmolLM2: float32 without remat")
+    parser.add_argument("--packing", action="store_true", help="packed vs padded on rlvr-like lengths (float32, first --remat)")
     parser.add_argument("--out", default=str(OUT_DIR / "update.json"))
     args = parser.parse_args(argv)
     if args.rows % args.group_size:
@@ -117,6 +201,8 @@ def main(argv=None) -> dict:
             for remat in (["none"] if quick_smollm2 else args.remat):
                 plan.append((name, dtype, remat))
 
+    if args.packing:
+        return main_packing(args, plan)
     peaks = {dtype: matmul_peak_flops(dtype) for dtype in ("float32", "bfloat16")}
     print("measured matmul peak (GFLOP/s):", {k: round(v / 1e9, 1) for k, v in peaks.items()}, flush=True)
     results = []
@@ -148,6 +234,29 @@ def main(argv=None) -> dict:
         "results": results,
     }
     path = write_json(args.out, payload)
+    print(f"wrote {path}")
+    return payload
+
+
+def main_packing(args, plan) -> dict:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in dict.fromkeys(name for name, _, _ in plan):
+            if name == "smollm2":
+                from pacs_jax.models.smollm2 import smollm2_dir
+
+                folder = smollm2_dir()
+            else:
+                folder = make_tiny_hf_folder(Path(tmp) / "tiny")
+            results.extend(bench_packing(name, folder, args))
+    payload = {
+        "bench": "update_packing",
+        "machine": machine_info(),
+        "note": "shared machine: compare the packed / padded ratios within this run",
+        "algorithm": "pacs, one optimizer step (1 mini-batch, 1 micro-batch), AdamW + clip; float32",
+        "results": results,
+    }
+    path = write_json(args.out if args.out != str(OUT_DIR / "update.json") else str(OUT_DIR / "update_packing.json"), payload)
     print(f"wrote {path}")
     return payload
 

@@ -5,7 +5,12 @@ so the numbers the loss sees never come from the sampler's cached numerics.
 
 `make_update_fn` builds one jitted, state-donating function that takes a whole rollout batch
 (`prompts x G` rows, each group contiguous), splits it into mini-batches (one optimizer step each)
-and micro-batches (gradient accumulation) with `lax.scan`, never splitting a group.
+and micro-batches (gradient accumulation) with `lax.scan`, never splitting a group. The first
+mini-batch is on-policy by construction (its old log-probs are its own forward's), so
+`make_prepare_fn` computes old log-probs for mini-batches 2..k only.
+
+Both passes take the rollout padded ([N, prompt bucket + T] rows) or packed (PACKED_KEYS from
+pacs_jax.packing: several sequences per row); either way the log-probs come back as [N, T].
 """
 
 from __future__ import annotations
