@@ -24,10 +24,12 @@ pytestmark = pytest.mark.skipif(_problem is not None, reason=f"TPU AOT compilati
 ARCH = dict(model_type="llama", vocab_size=1024, hidden_size=1024, intermediate_size=1024,
             num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 64, 4, 32, 224
+# What the paper configs use (tests/test_configs.py checks they still do): float32 parameters,
+# bfloat16 compute, full remat, and a prompt prefilled in chunks (here two of 16 tokens).
 TINY = {
-    "model": {"arch": ARCH, "param_dtype": "float32", "compute_dtype": "bfloat16", "remat": "none"},
+    "model": {"arch": ARCH, "param_dtype": "float32", "compute_dtype": "bfloat16", "remat": "full"},
     "data": {"max_prompt_tokens": PROMPT_LEN},
-    "rollout": {"group_size": GROUP, "max_new_tokens": NEW_TOKENS, "prompt_buckets": [PROMPT_LEN]},
+    "rollout": {"group_size": GROUP, "max_new_tokens": NEW_TOKENS, "prompt_buckets": [PROMPT_LEN], "prefill_chunk": 16},
     "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
     "trainer": {"prompts_per_step": PROMPTS, "mini_batches": 1, "micro_batches": 1},
 }
@@ -83,6 +85,10 @@ def check_against_closed_forms(programs: dict, chips: int, kv_cache_in_hbm: bool
 
 @pytest.mark.slow
 def test_tiny_config_compiles_for_v5e_4(tmp_path, capsys):
+    paper = load_config(Path(__file__).parents[1] / "configs" / "qwen2.5_7b_pacs.yaml")
+    for key in ("param_dtype", "compute_dtype", "remat"):
+        assert TINY["model"][key] == getattr(paper.model, key)
+    assert 0 < TINY["rollout"]["prefill_chunk"] < PROMPT_LEN
     out = tmp_path / "report.json"
     code = main(["compile", "--config", write_config(tmp_path, TINY), "--topology", "v5e-4", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -90,6 +96,7 @@ def test_tiny_config_compiles_for_v5e_4(tmp_path, capsys):
     assert "fits: every program compiles for v5e-4" in printed
     report = json.loads(out.read_text())
     assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["fits"]
+    assert report["model"]["remat"] == "full" and report["model"]["compute_dtype"] == "bfloat16"
     assert report["hbm_bytes"] == 16 * 2**30
     programs = {p["name"]: p for p in report["programs"]}
     assert set(programs) == {"rollout", "old_logprobs", "update"}
