@@ -232,3 +232,32 @@ def test_config_rejects_a_row_budget_below_the_longest_sequence_and_micro_batche
     config.trainer.prompts_per_step, config.trainer.mini_batches, config.trainer.micro_batches = 4, 2, 4
     with pytest.raises(ConfigError, match=r"smallest valid trainer.prompts_per_step is 8"):
         validate(config)
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+def test_training_with_packing_takes_the_unpacked_step(tmp_path):
+    """Two steps of the trainer (8 CPU devices, rows over the data axis, 2 mini-batches) with
+    trainer.pack_row_tokens: the first step's update metrics equal the unpacked run's, the
+    packing statistics and the sampler gap are logged."""
+    import json
+
+    from test_train import tiny_config  # tests/test_train.py's tiny arithmetic run
+
+    from pacs_jax.train import train
+
+    runs = {}
+    for name, extra in (("padded", []), ("packed", ["trainer.pack_row_tokens=22"])):
+        config = tiny_config(tmp_path / name, "trainer.total_steps=2", "trainer.save_every=0", *extra)
+        train(config)
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    padded, packed_run = runs["padded"], runs["packed"]
+    assert [r["step"] for r in packed_run] == [1, 2]
+    for key in ("reward/mean", "response_length/mean"):
+        assert packed_run[0][key] == padded[0][key]  # the same rollout
+    for key in ("loss", "grad_norm", "entropy", "rollout/logprob_diff_mean"):
+        np.testing.assert_allclose(packed_run[0][key], padded[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert packed_run[0]["rollout/logprob_diff_max"] < 1e-4  # float32 sampler and training agree
+    assert 0 < packed_run[0]["pack/fill"] <= 1 and packed_run[0]["pack/rows_per_micro_batch"] % 8 == 0
+    assert "pack/fill" not in padded[0]
