@@ -16,7 +16,8 @@ cost does not depend on which token it samples):
 
 Reported: useful tokens/s = real response tokens (up to and including the stop token) / wall time
 of the whole `generate` (prefill included), best of `--repeats` after a warm-up call with the
-same lengths (so compile time is excluded and reported apart). Writes JSON (default
+same lengths (so compile time is excluded and reported apart); the two engines' timed calls
+alternate. Writes JSON (default
 bench/out/rollout_lengths.json).
 """
 
@@ -63,18 +64,25 @@ def response_lengths(dist: str, rows: int, cap: int, seed: int = 0) -> np.ndarra
     return np.clip(lengths, 1, cap).astype(np.int32)
 
 
-def run_engine(split, ids, mask, params: SamplingParams, group: int, stop_at, repeats: int) -> dict:
-    def sample():
+def run_engines(split, ids, mask, engines: dict[str, SamplingParams], group: int, stop_at, repeats: int) -> dict:
+    """Per engine: a warm-up call (compiles every batch shape these lengths reach), then the best of
+    `repeats` timed calls. The engines' timed calls alternate, so load drift on a shared machine
+    hits both alike."""
+    def sample(params):
         return generate(split, ids, mask, jax.random.key(0), params, group, stop_at=stop_at)
 
-    out, first_s = timed(sample)
-    best = min(timed(sample)[1] for _ in range(repeats))
-    useful = int(np.asarray(out.lengths).sum())
-    return {
-        "engine": params.engine, "first_call_s": first_s, "steady_s": best, "useful_tokens": useful,
-        "useful_tokens_per_s": useful / best, "decode_steps": int(out.decode_steps),
-        "lengths": np.asarray(out.lengths),
-    }
+    runs = {}
+    for engine, params in engines.items():
+        out, first_s = timed(lambda: sample(params))
+        runs[engine] = {"engine": engine, "first_call_s": first_s, "times_s": [], "useful_tokens": int(np.asarray(out.lengths).sum()),
+                        "decode_steps": int(out.decode_steps), "lengths": np.asarray(out.lengths)}
+    for _ in range(repeats):
+        for engine, params in engines.items():
+            runs[engine]["times_s"].append(timed(lambda: sample(params))[1])
+    for run in runs.values():
+        run["steady_s"] = min(run["times_s"])
+        run["useful_tokens_per_s"] = run["useful_tokens"] / run["steady_s"]
+    return runs
 
 
 def bench_model(name: str, args) -> list[dict]:
@@ -92,13 +100,12 @@ def bench_model(name: str, args) -> list[dict]:
         lengths = response_lengths(dist, rows, cap, args.seed)
         stop_at = lengths - 1  # the step that emits the stop token; cap - 1 + 1 = never
         stop_at[lengths == cap] = cap
-        runs = {}
-        for engine, params in (("static", static), ("compact", compact)):
-            runs[engine] = run_engine(split, ids, mask, params, args.group, stop_at, args.repeats)
+        runs = run_engines(split, ids, mask, {"static": static, "compact": compact}, args.group, stop_at, args.repeats)
+        for engine, run in runs.items():
             # The forced lengths are what both engines produced.
-            np.testing.assert_array_equal(runs[engine].pop("lengths"), lengths)
-            print(f"{name} {dist} {engine}: {runs[engine]['useful_tokens_per_s']:.0f} useful tok/s "
-                  f"({runs[engine]['steady_s']:.2f} s, first call {runs[engine]['first_call_s']:.1f} s)", flush=True)
+            np.testing.assert_array_equal(run.pop("lengths"), lengths)
+            print(f"{name} {dist} {engine}: {run['useful_tokens_per_s']:.0f} useful tok/s "
+                  f"({run['steady_s']:.2f} s, first call {run['first_call_s']:.1f} s)", flush=True)
         results.append({
             "model": name, "distribution": dist, "rows": rows, "prompts": args.prompts, "group": args.group,
             "max_new_tokens": cap, "mean_length": float(lengths.mean()), "clipped_fraction": float((lengths == cap).mean()),
@@ -120,7 +127,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--decode-segments", type=int, default=4)
     parser.add_argument("--compact-every", type=int, default=SamplingParams(1).compact_every)
     parser.add_argument("--compact-buckets", type=int, default=SamplingParams(1).compact_buckets)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(OUT_DIR / "rollout_lengths.json"))
     args = parser.parse_args(argv)
