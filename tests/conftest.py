@@ -3,15 +3,26 @@ shared fixtures, and (with PACS_JAX_STRICT_SKIPS=1, as .ci/run sets it) no skips
 allowed ones."""
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A persistent XLA compilation cache shared by every test process and the CLI subprocesses they
+# start (environment variables, so the subprocesses inherit it). Measured on tests/test_rollout.py
+# (7 tests, 2-core CPU): 144 s without it, 164 s with an empty cache, 26 s on the next run.
+# JAX_COMPILATION_CACHE_DIR overrides the place; the cache keeps at most 2 GiB, least recently used
+# entries go first.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(Path(os.environ.get("PACS_JAX_CACHE", "~/.cache/pacs_jax")).expanduser() / "xla"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 
 import re  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
