@@ -84,6 +84,7 @@ def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
     assert regroups and regroups[-1] < len(prompts), regroups
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", ["scan", "unrolled"])
 def test_samples_what_the_static_sampler_samples(layers, regroups):
     """For one key both engines draw the same tokens with the same log-probs and response masks
@@ -186,3 +187,21 @@ def test_bad_engine_config_names_the_field(key, value, match):
     with pytest.raises(ConfigError, match=match):
         validate(config)
     assert Config().rollout.engine_options()["engine"] == Config().rollout.engine
+
+
+@pytest.mark.slow
+def test_trainer_steps_equal_with_either_engine(tmp_path):
+    """The trainer samples through `rollout.engine` on the sharded path (8 virtual devices): a step
+    with the compacting engine scores, measures and updates exactly as one with the static loop."""
+    from test_train import read_metrics, tiny_config  # tests/test_train.py's tiny arithmetic run
+
+    from pacs_jax.train import train
+
+    records = {}
+    for engine in ("static", "compact"):
+        config = tiny_config(tmp_path / engine, "trainer.total_steps=1", f"rollout.engine={engine}",
+                             "rollout.compact_every=1", "rollout.compact_buckets=16", "rollout.temperature=1.5")
+        train(config)
+        records[engine] = read_metrics(tmp_path / engine)[-1]
+    for key in ("reward/mean", "response_length/mean", "response_length/max", "loss", "grad_norm"):
+        assert records["compact"][key] == pytest.approx(records["static"][key], rel=1e-4, abs=1e-6), key
