@@ -84,7 +84,9 @@ class RolloutConfig:
     # "compact": every compact_every steps the unfinished rows are gathered into a smaller batch
     # (a multiple of ceil(rows / compact_buckets) rows), so decode cost follows the tokens actually
     # generated (pacs_jax/compact.py; bench/rollout_lengths.py). Both sample the same tokens for a key.
-    engine: Literal["static", "compact"] = "static"
+    # "auto": compact on CPU (measured faster), static on TPU / GPU (compact's memory there is not
+    # yet checked by the compile command).
+    engine: Literal["auto", "static", "compact"] = "auto"
     compact_every: int = 32
     compact_buckets: int = 16
 
@@ -374,7 +376,7 @@ def validate(config: Config) -> None:
     _require(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
     _require(r.decode_segments >= 1, f"rollout.decode_segments must be >= 1 (1 = one decode loop), got {r.decode_segments}")
     _require(r.prefill_chunk >= 0, f"rollout.prefill_chunk must be >= 0 (0 = one pass over the prompt), got {r.prefill_chunk}")
-    _require(r.engine in ("static", "compact"), f"rollout.engine must be 'static' or 'compact', got {r.engine!r}")
+    _require(r.engine in ("auto", "static", "compact"), f"rollout.engine must be 'auto', 'static' or 'compact', got {r.engine!r}")
     _require(r.compact_every >= 1, f"rollout.compact_every must be >= 1 (decode steps between compactions), got {r.compact_every}")
     _require(r.compact_buckets >= 1, f"rollout.compact_buckets must be >= 1 (1 = never compact), got {r.compact_buckets}")
     _require(

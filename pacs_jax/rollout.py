@@ -25,8 +25,9 @@ from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache, resolve_dtype
 DECODE_LAYERS = ("auto", "scan", "unrolled")
 # "static": one batch of every row until the last one stops (this module). "compact": the unfinished
 # rows are gathered into a smaller batch every few steps, so decode cost follows the tokens
-# actually generated (pacs_jax.compact).
-ENGINES = ("static", "compact")
+# actually generated (pacs_jax.compact). "auto": compact on CPU, where bench/rollout_lengths.py
+# measured it; static elsewhere until the TPU compile check covers compact's memory.
+ENGINES = ("auto", "static", "compact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,10 @@ class SamplingParams:
     def unrolls_layers(self, platform: str) -> bool:
         """Whether decode runs the layers unrolled on `platform` ("cpu", "tpu", "gpu")."""
         return self.decode_layers == "unrolled" or (self.decode_layers == "auto" and platform == "cpu")
+
+    def compacts(self, platform: str) -> bool:
+        """Whether the compacting engine runs on `platform` ("cpu", "tpu", "gpu")."""
+        return self.engine == "compact" or (self.engine == "auto" and platform == "cpu")
 
     def segment_ends(self) -> list[int]:
         """Decode steps at which each segment ends (increasing, the last = max_new_tokens)."""
@@ -392,7 +397,7 @@ def generate(
             raise ValueError("stop_at needs a stop token (SamplingParams.stop_ids) and a pad_id that is not one")
         stop_at = jnp.asarray(stop_at, jnp.int32)
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
-    if params.engine == "compact":
+    if params.compacts(jax.default_backend()):
         from pacs_jax.compact import generate_compact
 
         return generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params, group_size, stop_at)
