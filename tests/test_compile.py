@@ -175,3 +175,19 @@ def test_architecture_comes_from_arch_file_or_model_folder_without_weights(tmp_p
     assert from_folder == from_file
     assert (from_folder.num_layers, from_folder.num_heads, from_folder.num_kv_heads, from_folder.head_dim) == (36, 16, 2, 128)
     assert from_folder.tie_word_embeddings and from_folder.qkv_bias
+
+
+def test_model_arch_takes_the_vocabulary_of_a_tokenizer_that_needs_no_download(tmp_path):
+    from pacs_jax.models.tokenizer import CharTokenizer
+
+    arch = {k: v for k, v in ARCH.items() if k not in ("model_type", "vocab_size")}
+    char = CharTokenizer()
+    decoder_config, hf = compile_tpu.decoder_config_for(load_config(None, ["model.tokenizer=char", f"model.arch={json.dumps(arch)}"]))
+    assert decoder_config.vocab_size == char.vocab_size and hf["eos_token_id"] == list(char.eos_ids)
+    bigger, _ = compile_tpu.decoder_config_for(load_config(None, ["model.tokenizer=char", f"model.arch={json.dumps({**arch, 'vocab_size': 256})}"]))
+    assert bigger.vocab_size == 256  # as the trainer: model.arch may ask for more rows than the tokenizer has
+    with pytest.raises(ConfigError, match=r"model.arch.vocab_size=64 is smaller than the tokenizer's 128"):
+        compile_tpu.decoder_config_for(load_config(None, ["model.tokenizer=char", f"model.arch={json.dumps({**arch, 'vocab_size': 64})}"]))
+    absent = load_config(None, [f"model.tokenizer={tmp_path / 'not_downloaded'}", f"model.arch={json.dumps(arch)}"])
+    with pytest.raises(ConfigError, match=r"model.arch needs vocab_size .* set model.arch.vocab_size"):
+        compile_tpu.decoder_config_for(absent)
