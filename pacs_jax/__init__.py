@@ -12,7 +12,10 @@ _NVIDIA_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
 
 
 def _tpu_chips_attached() -> bool:
-    """A Google TPU on the PCI bus (how JAX's own cloud_tpu_init tells a TPU VM)."""
+    """A Google TPU on the PCI bus (how JAX's own cloud_tpu_init tells a TPU VM), a TPU device file,
+    or TPU settings in the environment."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or "TPU_ACCELERATOR_TYPE" in os.environ:
+        return True
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:
             with open(vendor) as f:

@@ -116,3 +116,24 @@ def test_compile_the_debug_config_as_a_user_types_it():
 
     assert f"vocab {CharTokenizer().vocab_size}," in result.stdout
     assert not [word for word in LIBTPU_NOISE if word in result.stderr], result.stderr
+
+
+def test_cpu_default_leaves_a_platform_the_user_chose_or_a_tpu_vm_alone(monkeypatch):
+    import importlib.util
+
+    import pacs_jax
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,tpu")
+    assert not pacs_jax.default_to_cpu_without_accelerator()
+    assert os.environ["JAX_PLATFORMS"] == "cpu,tpu"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-64")  # a TPU VM's environment
+    assert not pacs_jax.default_to_cpu_without_accelerator()
+    assert "JAX_PLATFORMS" not in os.environ
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE")
+    # With libtpu installed (the test extras) JAX would probe for a TPU; on a machine without an
+    # accelerator (CI's) the default is the CPU.
+    assert importlib.util.find_spec("libtpu") is not None
+    accelerator = Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("accel*"))
+    assert pacs_jax.default_to_cpu_without_accelerator() is not accelerator
+    assert os.environ.get("JAX_PLATFORMS") == (None if accelerator else "cpu")
