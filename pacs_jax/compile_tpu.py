@@ -388,6 +388,11 @@ def compile_for_topology(
     # "auto" resolves by the platform that runs the program: TPU here, whatever this host is.
     if engine["decode_layers"] == "auto":
         engine["decode_layers"] = "scan"
+    if engine.get("engine") == "compact":
+        raise ConfigError("rollout.engine=compact: the compile check covers the static decode loop only (what "
+                          "rollout.engine=auto runs on TPU); use rollout.engine=auto or static")
+    if engine.get("engine") == "auto":
+        engine["engine"] = "static"
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_ids, pad_id=stop_ids[0], **engine)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))

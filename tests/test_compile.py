@@ -191,3 +191,9 @@ def test_model_arch_takes_the_vocabulary_of_a_tokenizer_that_needs_no_download(t
     absent = load_config(None, [f"model.tokenizer={tmp_path / 'not_downloaded'}", f"model.arch={json.dumps(arch)}"])
     with pytest.raises(ConfigError, match=r"model.arch needs vocab_size .* set model.arch.vocab_size"):
         compile_tpu.decoder_config_for(absent)
+
+
+def test_compact_engine_is_refused_rather_than_compiled_as_the_static_loop():
+    config = load_config(None, tiny_overrides() + ["rollout.engine=compact"])
+    with pytest.raises(ConfigError, match="rollout.engine=compact: the compile check covers the static decode loop only"):
+        compile_tpu.compile_for_topology(config, compile_tpu.parse_topology("v5e-4"), programs=["rollout"])
