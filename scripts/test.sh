@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/python_env.sh
 choose_python
 pip_install -e '.[test]'
-"$PY" -m pytest -q -ra "$@"
+# Two pytest workers, each test file whole on one worker (its module fixtures, e.g. a shared tiny
+# training run, are built once): compiling and the tests' subprocesses overlap. PACS_JAX_TEST_WORKERS=0
+# runs everything in one process.
+"$PY" -m pytest -q -ra -n "${PACS_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from pacs_jax.models import from_pretrained, save_pretrained  # noqa: E402
 from pacs_jax.models.smollm2 import STOP_TOKEN  # noqa: E402

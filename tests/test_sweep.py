@@ -285,7 +285,6 @@ def test_summary_table(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_of_two_tiny_runs_on_cpu(tmp_path, capsys):
-    pytest.importorskip("pacs_jax.train", reason="the trainer (pacs_jax.train) is not written yet")
     path = write_yaml(tmp_path / "tiny.yaml", {
         "base_config": str(DEBUG_CPU),
         "name": "tiny",
