@@ -129,6 +129,22 @@ def test_save_every_and_force(tmp_path):
         assert checkpointer.all_steps() == [3, 6, 8]
 
 
+def test_relative_directories_work_like_the_default_run_dir(tmp_path, monkeypatch):
+    """trainer.run_dir defaults to the relative runs/...; Orbax itself rejects relative paths."""
+    monkeypatch.chdir(tmp_path)
+    tree = {"x": np.arange(3, dtype=np.float32)}
+    with Checkpointer("runs/x/checkpoints", save_every=1) as checkpointer:
+        checkpointer.save(1, tree, {"step": 1})
+        checkpointer.wait()
+    assert (tmp_path / "runs" / "x" / "checkpoints" / "1").is_dir()
+    with Checkpointer("runs/x/checkpoints") as checkpointer:
+        restored, meta = checkpointer.restore({"x": jax.ShapeDtypeStruct((3,), np.float32)})
+    np.testing.assert_array_equal(np.asarray(restored["x"]), tree["x"])
+    assert meta["step"] == 1
+    save_pytree("exported/model", tree)
+    np.testing.assert_array_equal(np.asarray(load_pytree("exported/model")["x"]), tree["x"])
+
+
 def corrupt_truncate(step_dir: Path) -> None:
     files = [p for p in (step_dir / "state" / "d").iterdir() if p.is_file()]
     assert files, "Orbax's data files moved; update the corruption helper"
