@@ -60,6 +60,12 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> 
         axes = figure.add_subplot()
         for name, steps, values in curves:
             axes.plot(steps, values, label=name, marker="." if len(steps) <= 50 else None)
+        if key == "reward/mean":
+            # The held-out validation pass@1 (val/<set>/pass@1) on the same axes, as points.
+            for name, records in runs:
+                for val_key in sorted({k for r in records for k in r if k.startswith("val/") and k.endswith("/pass@1")}):
+                    steps, values = curve(records, val_key)
+                    axes.plot(steps, values, "o--", label=f"{name}: held-out {val_key.split('/')[1]} pass@1")
         axes.set_xlabel("step")
         axes.set_ylabel(label)
         axes.set_title(key)
