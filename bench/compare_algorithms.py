@@ -1,15 +1,17 @@
-"""Our miniature of the paper's comparison: PACS (beta 1 and 2, with and without the "question"
-weights), GRPO and PPO on the CPU debug task, with the same budget and seeds.
+"""Our miniature of the paper's comparison: PACS (beta 1 and 2), GRPO, PPO and RLOO on the CPU
+debug task (PACS without the "question" weights on request), with the same budget and seeds.
 
 Each seed's SFT warm-up runs once (a run with total_steps=0 that exports the warmed-up policy as
 an HF folder); every algorithm then starts from that same policy (`model.path`, `sft.steps=0`), so
 runs with the same seed differ only in the algorithm. Writes, under --out:
   runs/<variant>/seed<k>/     the run directories
-  compare.json                per run: final reward, steps to 50%, wall time; per variant: means
-  compare.md                  the table
-  compare.png                 mean reward curve per variant (10-step moving average)
+  compare.json                per run: first / final reward, held-out pass@1 before / after, steps
+                              to 50% and 80%, wall time; per variant: mean, std, count; the verdicts
+  compare.md                  the table, and each variant against the first one, a difference
+                              called only where it exceeds two standard errors
+  compare.png                 mean reward curve per variant (10-step moving average, ± 1 s.e.)
 
-    python bench/compare_algorithms.py                     # 6 variants x 3 seeds (about an hour on 2 cores)
+    python bench/compare_algorithms.py                     # 5 variants x 3 seeds, the config's steps
     python bench/compare_algorithms.py --seeds 0 --steps 40 --variants pacs_b1,grpo   # a quick look
 """
 
@@ -28,12 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "pacs_b1": ["algorithm.name=pacs", "algorithm.beta=1.0", "algorithm.weight_mode=question"],
     "pacs_b2": ["algorithm.name=pacs", "algorithm.beta=2.0", "algorithm.weight_mode=question"],
-    "pacs_b1_noweight": ["algorithm.name=pacs", "algorithm.beta=1.0", "algorithm.weight_mode=null"],
-    "pacs_b2_noweight": ["algorithm.name=pacs", "algorithm.beta=2.0", "algorithm.weight_mode=null"],
     "grpo": ["algorithm.name=grpo"],
     "ppo": ["algorithm.name=ppo"],
+    "rloo": ["algorithm.name=rloo"],
+    "pacs_b1_noweight": ["algorithm.name=pacs", "algorithm.beta=1.0", "algorithm.weight_mode=null"],
+    "pacs_b2_noweight": ["algorithm.name=pacs", "algorithm.beta=2.0", "algorithm.weight_mode=null"],
 }
+DEFAULT_VARIANTS = ("pacs_b1", "pacs_b2", "grpo", "ppo", "rloo")
 WINDOW = 10
+THRESHOLDS = (0.5, 0.8)
 
 
 def moving_average(values: list[float], window: int = WINDOW) -> np.ndarray:
@@ -44,25 +49,57 @@ def moving_average(values: list[float], window: int = WINDOW) -> np.ndarray:
 
 
 def summarize_run(run_dir: Path) -> dict:
+    """One run's numbers: sampled reward over the first / last WINDOW steps, the first step whose
+    WINDOW-step moving average reaches 50% / 80%, held-out pass@1 before and after, wall time."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rewards = [r["reward/mean"] for r in records]
+    training = [r for r in records if "reward/mean" in r]
+    rewards = [r["reward/mean"] for r in training]
     smooth = moving_average(rewards)
-    reached = np.nonzero(smooth >= 0.5)[0]
-    return {
-        "steps": len(records),
+    held_out = {r["step"]: v for r in records for k, v in r.items() if k.startswith("val/") and k.endswith("/pass@1")}
+    summary = {
+        "steps": len(training),
         "first_reward": float(np.mean(rewards[:WINDOW])),
         "final_reward": float(np.mean(rewards[-WINDOW:])),
-        "steps_to_50pct": int(reached[0]) + 1 if len(reached) else None,
-        "wall_s": float(sum(r.get("time/step_s", 0.0) for r in records)),
+        "val_start": held_out.get(0),
+        "val_final": held_out.get(training[-1]["step"]) if training else None,
+        "wall_s": float(sum(r.get("time/step_s", 0.0) for r in training)),
         "curve": smooth.tolist(),
     }
+    for threshold in THRESHOLDS:
+        reached = np.nonzero(smooth >= threshold)[0]
+        summary[f"steps_to_{int(threshold * 100)}pct"] = int(reached[0]) + 1 if len(reached) else None
+    return summary
+
+
+def mean_std(values: list) -> tuple[float | None, float | None, int]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, 0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def differs(a: dict, b: dict, key: str) -> str:
+    """'higher' / 'lower' when a's mean differs from b's by more than two standard errors of the
+    difference (sqrt(sa^2/na + sb^2/nb), sample standard deviations), else 'no difference'."""
+    (ma, sa, na), (mb, sb, nb) = a[key], b[key]
+    if ma is None or mb is None or na < 2 or nb < 2:
+        return "n/a"
+    se = float(np.sqrt(sa**2 / na + sb**2 / nb))
+    if abs(ma - mb) <= 2 * se:
+        return "no difference"
+    return "higher" if ma > mb else "lower"
+
+
+def _fmt(entry, digits: int = 3) -> str:
+    mean, std, n = entry
+    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=150, help="RL steps per run (the same budget for all)")
+    parser.add_argument("--steps", type=int, default=0, help="RL steps per run, the same for all (0 = the config's trainer.total_steps)")
     parser.add_argument("--config", default=str(REPO / "configs" / "debug_cpu.yaml"))
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "compare"))
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
@@ -72,6 +109,11 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {list(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.steps:
+        sys.path.insert(0, str(REPO))
+        from pacs_jax.config import load_config
+
+        args.steps = load_config(args.config, args.overrides).trainer.total_steps
     out = Path(args.out)
     results: dict[str, dict[int, dict]] = {}
     warmed_up = {}
@@ -82,17 +124,20 @@ def main(argv=None) -> int:
             print(f"[sft seed {seed}] warm-up", flush=True)
             subprocess.run([
                 sys.executable, "-m", "pacs_jax", "train", "--config", args.config, f"trainer.seed={seed}",
-                "trainer.total_steps=0", f"trainer.run_dir={sft_dir}", "trainer.eval_every=0",
-                f"trainer.export_hf={warmed_up[seed]}", *args.overrides,
+                "trainer.total_steps=0", f"trainer.run_dir={sft_dir}", "trainer.eval_every=0", "trainer.val_before_train=false",
+                "trainer.dump_rollouts_every=0", f"trainer.export_hf={warmed_up[seed]}", *args.overrides,
             ], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     for variant in variants:
         for seed in seeds:
             run_dir = out / "runs" / variant / f"seed{seed}"
+            # Held-out validation (the config's data.val and trainer.val_sampling) before the first
+            # RL step and after the last one.
             command = [
                 sys.executable, "-m", "pacs_jax", "train", "--config", args.config, *VARIANTS[variant],
                 f"trainer.seed={seed}", f"trainer.total_steps={args.steps}", f"trainer.run_dir={run_dir}",
-                "trainer.eval_every=0", f"trainer.save_every={args.steps}", f"model.path={warmed_up[seed]}",
-                "model.tokenizer=char", "sft.steps=0", *args.overrides,
+                "trainer.val_before_train=true", f"trainer.eval_every={args.steps}", f"trainer.save_every={args.steps}",
+                "trainer.dump_rollouts_every=0", f"model.path={warmed_up[seed]}", "model.tokenizer=char", "sft.steps=0",
+                *args.overrides,
             ]
             if not (run_dir / "DONE").exists():
                 print(f"[{variant} seed {seed}] {' '.join(command[3:])}", flush=True)
@@ -101,33 +146,39 @@ def main(argv=None) -> int:
                 print(f"[{variant} seed {seed}] done in {time.time() - started:.0f} s", flush=True)
             results.setdefault(variant, {})[seed] = summarize_run(run_dir)
 
+    keys = ("first_reward", "final_reward", "val_start", "val_final", "steps_to_50pct", "steps_to_80pct", "wall_s")
     table = {}
     for variant, per_seed in results.items():
         runs = list(per_seed.values())
-        reached = [r["steps_to_50pct"] for r in runs if r["steps_to_50pct"] is not None]
-        table[variant] = {
-            "final_reward_mean": float(np.mean([r["final_reward"] for r in runs])),
-            "final_reward_std": float(np.std([r["final_reward"] for r in runs])),
-            "first_reward_mean": float(np.mean([r["first_reward"] for r in runs])),
-            "steps_to_50pct_mean": float(np.mean(reached)) if reached else None,
-            "runs_reaching_50pct": f"{len(reached)}/{len(runs)}",
-            "wall_s_mean": float(np.mean([r["wall_s"] for r in runs])),
-        }
+        table[variant] = {key: mean_std([r[key] for r in runs]) for key in keys}
+        table[variant]["runs"] = len(runs)
+    reference = variants[0]
+    comparisons = {
+        variant: {key: differs(table[variant], table[reference], key) for key in ("final_reward", "val_final")}
+        for variant in table if variant != reference
+    }
     out.mkdir(parents=True, exist_ok=True)
-    report = {"steps": args.steps, "seeds": seeds, "overrides": args.overrides, "variants": table, "runs": results}
+    report = {"steps": args.steps, "seeds": seeds, "overrides": args.overrides, "variants": table,
+              f"vs_{reference}": comparisons, "runs": results}
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"RL steps per run: {args.steps}; seeds: {seeds}; reward = mean over the first / last {WINDOW} steps",
+        f"RL steps per run: {args.steps}; seeds: {seeds}; mean ± sample std over seeds; reward = sampled training "
+        f"reward, mean over the first / last {WINDOW} steps; held-out = validation pass@1 before the first and "
+        f"after the last RL step; steps to X% = first step whose {WINDOW}-step moving average reaches X% "
+        f"(mean over the runs that reach it, count in brackets); wall time = sum of the RL steps' time/step_s.",
         "",
-        "| variant | first reward | final reward (mean ± std) | steps to 50% (mean) | runs reaching 50% | wall time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | first reward | final reward | held-out before | held-out after | steps to 50% | steps to 80% | wall time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for variant, row in table.items():
-        to50 = "-" if row["steps_to_50pct_mean"] is None else f"{row['steps_to_50pct_mean']:.0f}"
+        reach = [f"{_fmt(row[k], 0)} ({row[k][2]}/{row['runs']})" for k in ("steps_to_50pct", "steps_to_80pct")]
         lines.append(
-            f"| {variant} | {row['first_reward_mean']:.3f} | {row['final_reward_mean']:.3f} ± {row['final_reward_std']:.3f} "
-            f"| {to50} | {row['runs_reaching_50pct']} | {row['wall_s_mean']:.0f} |"
+            f"| {variant} | {_fmt(row['first_reward'])} | {_fmt(row['final_reward'])} | {_fmt(row['val_start'])} "
+            f"| {_fmt(row['val_final'])} | {reach[0]} | {reach[1]} | {_fmt(row['wall_s'], 0)} |"
         )
+    lines += ["", f"Against {reference} (a difference is called only where it exceeds two standard errors):", ""]
+    for variant, verdict in comparisons.items():
+        lines.append(f"- {variant}: final reward {verdict['final_reward']}, held-out after {verdict['val_final']}")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -140,10 +191,16 @@ def main(argv=None) -> int:
     for variant, per_seed in results.items():
         curves = [r["curve"] for r in per_seed.values()]
         length = min(len(c) for c in curves)
-        axes.plot(np.arange(1, length + 1), np.mean([c[:length] for c in curves], axis=0), label=variant)
+        stacked = np.asarray([c[:length] for c in curves])
+        mean = stacked.mean(axis=0)
+        steps = np.arange(1, length + 1)
+        line, = axes.plot(steps, mean, label=f"{variant} (n={len(curves)})")
+        if len(curves) > 1:
+            se = stacked.std(axis=0, ddof=1) / np.sqrt(len(curves))
+            axes.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("RL step")
-    axes.set_ylabel(f"reward ({WINDOW}-step moving average, mean over seeds)")
-    axes.set_title("debug task: PACS vs baselines")
+    axes.set_ylabel(f"sampled reward ({WINDOW}-step moving average)")
+    axes.set_title("debug task: mean over seeds, band = ± 1 standard error")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.savefig(out / "compare.png", dpi=120, bbox_inches="tight")
