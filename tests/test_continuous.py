@@ -205,3 +205,10 @@ def test_trainer_steps_equal_with_either_engine(tmp_path):
         records[engine] = read_metrics(tmp_path / engine)[-1]
     for key in ("reward/mean", "response_length/mean", "response_length/max", "loss", "grad_norm"):
         assert records["compact"][key] == pytest.approx(records["static"][key], rel=1e-4, abs=1e-6), key
+
+
+def test_engine_auto_compacts_on_cpu_only():
+    auto = SamplingParams(4, engine="auto")
+    assert auto.compacts("cpu") and not auto.compacts("tpu") and not auto.compacts("gpu")
+    assert SamplingParams(4, engine="compact").compacts("tpu") and not SamplingParams(4).compacts("cpu")
+    assert Config().rollout.engine == "auto"
