@@ -121,7 +121,7 @@ def test_sampling_distribution_chi_square(top_k, top_p, regroups):
     scipy_stats = pytest.importorskip("scipy.stats")
     config = DecoderConfig.from_hf({**TINY, "vocab_size": 16, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config, seed=5)
-    # Larger weights give peaked distributions. (At x4 the top-k 0 case failed, p = 4e-11, with
+    # Larger weights give peaked distributions. (At x4 one of the two cases failed, p = 4e-11, with
     # excess at both ends of the PIT; not investigated: possibly float32 differences between the
     # cached decode and the training forward at very large logits.)
     graphdef, state = nnx.split(model)
