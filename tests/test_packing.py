@@ -261,3 +261,26 @@ def test_training_with_packing_takes_the_unpacked_step(tmp_path):
     assert packed_run[0]["rollout/logprob_diff_max"] < 1e-4  # float32 sampler and training agree
     assert 0 < packed_run[0]["pack/fill"] <= 1 and packed_run[0]["pack/rows_per_micro_batch"] % 8 == 0
     assert "pack/fill" not in padded[0]
+
+
+# ------------------------------------------------------------------------------ the benches
+
+
+def test_update_bench_packed_row_runs_and_reports_the_ratio(tmp_path):
+    from bench.update import main
+
+    payload = main(["--packing", "--models", "tiny", "--rows", "8", "--group-size", "4", "--prompt-len", "16",
+                    "--response-len", "64", "--repeats", "1", "--remat", "none", "--out", str(tmp_path / "u.json")])
+    padded, packed_row = payload["results"]
+    assert padded["layout"] == "padded" and packed_row["layout"] == "packed"
+    assert packed_row["positions"] < padded["positions"] and packed_row["real_tokens"] == padded["real_tokens"]
+    assert packed_row["real_tokens_per_s_vs_padded"] > 0 and (tmp_path / "u.json").is_file()
+    np.testing.assert_allclose(packed_row["loss"], padded["loss"], rtol=1e-4, atol=1e-6)  # the same step
+
+
+def test_step_bench_runs_the_tunix_workload(tmp_path):
+    from bench.step import main
+
+    result = main(["--steps", "3", "--out", str(tmp_path / "s.json")])
+    assert result["params"] == 854144 and result["params_changed"] and len(result["per_step"]) == 3
+    assert result["step_median_s"] > 0 and (tmp_path / "s.json").is_file()
