@@ -221,3 +221,26 @@ def test_engine_auto_compacts_on_cpu_only():
     assert auto.compacts("cpu") and not auto.compacts("tpu") and not auto.compacts("gpu")
     assert SamplingParams(4, engine="compact").compacts("tpu") and not SamplingParams(4).compacts("cpu")
     assert Config().rollout.engine == "auto"
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_real_smollm2_greedy_equals_the_static_loop(smollm2_path, regroups):
+    """The real SmolLM2-135M-Instruct (whose static greedy decode test_smollm2.py holds to
+    transformers): three chat prompts, greedy, the compacting engine with a stop id that one row
+    emits early, so it leaves the batch; same tokens as the static loop."""
+    from pacs_jax.models.smollm2 import STOP_TOKEN
+    from pacs_jax.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(smollm2_path))
+    model = from_pretrained(smollm2_path, dtype="float32")
+    prompts = [tokenizer.encode(tokenizer.chat_prompt(q)) for q in ("What is 2 + 3?", "Name a prime number larger than 10.", "Say hi.")]
+    ids, mask = pad_prompts(prompts, [64], pad_id=tokenizer.pad_id)
+    (stop_id,) = tokenizer.encode(STOP_TOKEN)
+    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(stop_id,)))
+    stops = (stop_id, int(np.asarray(free.response_ids)[0, 3]))  # row 0 stops by step 3
+    static = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=stops, pad_id=tokenizer.pad_id))
+    ours = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=stops, pad_id=tokenizer.pad_id, **compacting()))
+    np.testing.assert_array_equal(np.asarray(ours.response_ids), np.asarray(static.response_ids))
+    np.testing.assert_array_equal(np.asarray(ours.lengths), np.asarray(static.lengths))
+    assert int(np.asarray(static.lengths).min()) <= 4 and regroups and regroups[-1] < 3, (static.lengths, regroups)
