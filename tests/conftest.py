@@ -105,11 +105,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_hf_chat_folder(folder: Path, seed: int = 0):
+def build_tiny_hf_chat_folder(
+    folder: Path, seed: int = 0, corpus: list[str] | None = None, chat_template: str | None = None, **llama_config
+):
     """An HF folder as a user would point model.path at, built here without any download: a
     byte-level BPE tokenizer trained by the `tokenizers` library on arithmetic text, with BOS/EOS/
     pad and a chat template, and a random tiny Llama saved by transformers. Returns
-    (folder, transformers model, transformers tokenizer)."""
+    (folder, transformers model, transformers tokenizer). `corpus` and `chat_template` replace the
+    tokenizer's training text and template; `llama_config` overrides the model's shape."""
     import numpy as np
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -124,15 +127,17 @@ def build_tiny_hf_chat_folder(folder: Path, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     rng = np.random.default_rng(seed)
-    corpus = [f"What is {a} + {b}? The answer is \\boxed{{{a + b}}}." for a, b in rng.integers(0, 100, size=(500, 2))]
+    if corpus is None:
+        corpus = [f"What is {a} + {b}? The answer is \\boxed{{{a + b}}}." for a, b in rng.integers(0, 100, size=(500, 2))]
     bpe.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template or CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     # initializer_range 0.5: decisive greedy choices that vary by prompt (at 0.02 they are near-ties).
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.5) | llama_config
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.5,
+        vocab_size=len(tokenizer), **shape,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

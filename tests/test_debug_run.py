@@ -22,6 +22,8 @@ from pacs_jax.rewards.math import score as math_score
 from pacs_jax.rewards.pool import VerifierPool
 from pacs_jax.train import load_policy, restore_policy, train
 
+from conftest import build_tiny_hf_chat_folder  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug_cpu.yaml"
 # configs/debug_cpu.yaml with tiny shapes and a few steps; every feature it switches on stays on.
@@ -233,35 +235,14 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tiny_hf_model(tmp_path_factory):
-    """A random tiny Llama saved by transformers, with a byte-level BPE tokenizer trained here by
-    the `tokenizers` library and a chat template: an HF folder as a user would point model.path at."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    """conftest's tiny HF folder (a trained BPE tokenizer, a chat template, a random Llama), its
+    tokenizer trained on the prompts this test writes so they fit the 64-token bucket."""
     rng = np.random.default_rng(0)
     corpus = [f"{a}+{b}{INSTRUCTION} \\boxed{{{a + b}}}" for a, b in rng.integers(0, 100, size=(500, 2))]
-    bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    # initializer_range 0.5: logits spread enough that greedy decoding varies by prompt and writes
-    # ordinary tokens (at 0.02 it repeats special tokens, whose text is empty).
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    folder, _, _ = build_tiny_hf_chat_folder(
+        tmp_path_factory.mktemp("tiny_llama"), corpus=corpus, chat_template=CHAT_TEMPLATE,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
