@@ -24,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit codes of every process; none is left running (a hung one is killed)."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def run_workers(mode: str, tmp_path: Path, *extra: str, num_processes: int = 2, timeout: float = 400) -> list[dict]:
     env = {
         **os.environ,
@@ -43,11 +53,8 @@ def run_workers(mode: str, tmp_path: Path, *extra: str, num_processes: int = 2, 
         for i in range(num_processes)
     ]
     try:
-        codes = [p.wait(timeout=timeout) for p in procs]
+        codes = wait_all(procs, timeout)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
         for log in logs:
             log.close()
     for i, code in enumerate(codes):
@@ -129,12 +136,7 @@ def start_cli(tmp_path: Path, argv: list[str], num_processes: int = 2, extra_env
         with open(logs[i], "w") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "pacs_jax", *argv], env={**base, "JAX_PROCESS_ID": str(i)},
                                           stdout=log, stderr=subprocess.STDOUT, cwd=str(HERE.parent)))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    codes = wait_all(procs, timeout)
     return [(code, log.read_text()) for code, log in zip(codes, logs)]
 
 
