@@ -54,13 +54,17 @@ def synthetic_rollout(vocab_size: int, rows: int, prompt_len: int, response_len:
     }
 
 
-def bench_variant(name: str, folder: Path, dtype: str, remat: str, args, peaks: dict) -> dict:
+def pacs_train_state(folder: Path, dtype: str, remat: str):
+    """The model in `folder` as a PACS train state: (model config, algorithm, optimizer, graphdefs, state)."""
     model = from_pretrained(folder, dtype=dtype, remat=remat)
-    config = model.config
     algorithm = AlgorithmConfig(name="pacs")
     optimizer = make_train_optimizer(algorithm, OptimizerConfig(lr=1e-6), total_updates=100)
     graphdefs, state = init_train_state(model, optimizer, with_critic=False)
-    del model
+    return model.config, algorithm, optimizer, graphdefs, state
+
+
+def bench_variant(name: str, folder: Path, dtype: str, remat: str, args, peaks: dict) -> dict:
+    config, algorithm, optimizer, graphdefs, state = pacs_train_state(folder, dtype, remat)
     rollout = synthetic_rollout(config.vocab_size, args.rows, args.prompt_len, args.response_len, args.group_size)
     prepare = make_prepare_fn(graphdefs, algorithm)
     update = make_update_fn(graphdefs, optimizer, algorithm, group_size=args.group_size, mini_batches=1, micro_batches=1)
@@ -120,12 +124,7 @@ def bench_packing(name: str, folder: Path, args) -> list[dict]:
     later mini-batch read from the batch) and the old-log-prob pass, same weights, same run."""
     from pacs_jax.packing import pack_rollout
 
-    model = from_pretrained(folder, dtype="float32", remat=args.remat[0])
-    config = model.config
-    algorithm = AlgorithmConfig(name="pacs")
-    optimizer = make_train_optimizer(algorithm, OptimizerConfig(lr=1e-6), total_updates=100)
-    graphdefs, state = init_train_state(model, optimizer, with_critic=False)
-    del model
+    config, algorithm, optimizer, graphdefs, state = pacs_train_state(folder, "float32", args.remat[0])
     host = rlvr_rollout(config.vocab_size, args.rows, args.prompt_len, args.response_len, args.group_size)
     real_tokens = int(host["prompt_mask"].sum() + host["response_mask"].sum())
     packed, stats = pack_rollout(*(host[k] for k in ROLLOUT_KEYS), micro_batches=1,

@@ -394,7 +394,6 @@ def tpu_sweep(tmp_path) -> Path:
                       seeds=..., overrides=[])
 
 
-@pytest.mark.skipif(not DEBUG_CPU.is_file(), reason="tpu mode needs a config inside the repository")
 def test_tpu_mode_dropped_ssh_does_not_fail_a_run_and_rerun_skips_it(tmp_path, fake_gcloud, capsys):
     (fake_gcloud / "status").write_text("unreachable\nrunning 12|bucket/sweeps/pacs_beta/beta=1.0/DONE\n")
     argv = [str(tpu_sweep(tmp_path)), "--mode", "tpu", "--tpu", "tpu-a", "--zone", "z", "--project", "p",
@@ -416,7 +415,6 @@ def test_tpu_mode_dropped_ssh_does_not_fail_a_run_and_rerun_skips_it(tmp_path, f
     assert len([c for c in (fake_gcloud / "calls").read_text().splitlines() if "tpu_worker.sh start" in c]) == 1
 
 
-@pytest.mark.skipif(not DEBUG_CPU.is_file(), reason="tpu mode needs a config inside the repository")
 def test_tpu_mode_a_stopped_trainer_fails_the_run(tmp_path, fake_gcloud, capsys):
     (fake_gcloud / "status").write_text("running 12\nexited 1\n")
     argv = [str(tpu_sweep(tmp_path)), "--mode", "tpu", "--tpu", "tpu-a", "--zone", "z", "--project", "p",
