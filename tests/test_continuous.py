@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
+import scipy.stats
+import torch
+import transformers
 from flax import nnx
 
 from pacs_jax import compact
@@ -43,8 +45,6 @@ def compacting(**kwargs) -> dict:
 
 @pytest.mark.parametrize("kind,layers", [("llama", "scan"), ("qwen2", "unrolled")])
 def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(1)
     if kind == "llama":
         config = transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -118,7 +118,6 @@ def test_sampling_distribution_chi_square(top_k, top_p, regroups):
     (A row decoded with another row's cache after a compaction is caught by the exact comparison
     with the static loop above, not here: these tiny models' distributions barely depend on the
     context beyond the last token.)"""
-    scipy_stats = pytest.importorskip("scipy.stats")
     config = DecoderConfig.from_hf({**TINY, "vocab_size": 16, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config, seed=5)
     # Larger weights give peaked distributions. (At x4 one of the two cases failed, p = 4e-11, with
@@ -148,7 +147,7 @@ def test_sampling_distribution_chi_square(top_k, top_p, regroups):
     pits = below + np.random.default_rng(0).uniform(size=len(tokens)) * chosen
     counts = np.histogram(pits, bins=10, range=(0, 1))[0]
     assert len(pits) > 1000
-    stat, p_value = scipy_stats.chisquare(counts)
+    stat, p_value = scipy.stats.chisquare(counts)
     assert p_value > 1e-3, (stat, p_value, counts)
 
 
