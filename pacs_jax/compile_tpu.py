@@ -246,8 +246,9 @@ def _report_from_compiled(name: str, compiled, hbm_bytes: int, model_flops: floa
     )
 
 
-def _compile(name: str, lowered_fn, hbm_bytes: int, model_flops: float) -> ProgramReport:
-    """Lower and compile; an out-of-memory refusal from XLA becomes a report, anything else raises."""
+def _compile(name: str, lowered_fn, hbm_bytes: int, model_flops: float):
+    """Lower and compile: (report, compiled program or None). An out-of-memory refusal from XLA
+    becomes a report; anything else raises."""
     start = time.perf_counter()
     try:
         compiled = lowered_fn().compile()
@@ -256,8 +257,8 @@ def _compile(name: str, lowered_fn, hbm_bytes: int, model_flops: float) -> Progr
         if "RESOURCE_EXHAUSTED" not in message:
             raise
         return ProgramReport(name=name, fits=False, model_flops=model_flops, compile_s=time.perf_counter() - start,
-                             error=message.strip().splitlines()[0][:500])
-    return _report_from_compiled(name, compiled, hbm_bytes, model_flops, time.perf_counter() - start)
+                             error=message.strip().splitlines()[0][:500]), None
+    return _report_from_compiled(name, compiled, hbm_bytes, model_flops, time.perf_counter() - start), compiled
 
 
 # ------------------------------------------------------------------------- the programs
@@ -346,12 +347,71 @@ def _placed(abstract, shardings):
 
 PROGRAMS = ("rollout", "old_logprobs", "update")
 
+# The lengths `compile` assumes when it sizes packed rows (trainer.pack_row_tokens): responses from
+# the `rlvr` distribution of bench/rollout_lengths.py (log-normal, mean a quarter of
+# rollout.max_new_tokens, 3% of rows at the cap: RLVR runs on maths), drawn with PACK_SEED, after
+# prompts of PACK_PROMPT_TOKENS tokens (a maths problem in a chat template). The trainer packs each
+# micro-batch first-fit-decreasing and sizes every micro-batch by the fullest one; `compile` plans
+# that draw the same way, adds PACK_MARGIN for other draws and rounds up to the trainer's ladder.
+PACK_PROMPT_TOKENS = 150
+PACK_SEED = 0
+PACK_MARGIN = 0.10
+_RLVR_Z = 1.8808  # the standard normal's 97% quantile: 3% of rows reach the cap
+
+
+def rlvr_response_lengths(rows: int, cap: int, seed: int = PACK_SEED):
+    """bench/rollout_lengths.py's `rlvr` lengths (the same draw for the same seed), 1 .. cap."""
+    import numpy as np
+
+    # Log-normal with mean cap / 4 and P(X >= cap) = 3%: sigma solves ln 4 + sigma^2 / 2 = z sigma.
+    sigma = _RLVR_Z - math.sqrt(_RLVR_Z**2 - 2 * math.log(4))
+    mu = math.log(cap / 4) - sigma**2 / 2
+    lengths = np.ceil(np.random.default_rng(seed).lognormal(mu, sigma, rows))
+    return np.clip(lengths, 1, cap).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedShape:
+    """The packed batch `compile` assumes: micro_batches x rows_per_micro rows of row_tokens."""
+
+    row_tokens: int
+    micro_batches: int  # mini x micro: each packs its own rows
+    sequences_per_micro: int
+    rows_per_micro: int
+    fullest_rows: int  # rows the fullest micro-batch of the assumed draw needs
+    mean_rows: float  # rows a micro-batch of that draw needs on average
+    mean_response_tokens: float
+
+    @property
+    def rows(self) -> int:
+        return self.micro_batches * self.rows_per_micro
+
+
+def packed_shape(config: Config, prompt_len: int, row_multiple: int) -> PackedShape:
+    """The packed shape the trainer would run on the assumed lengths: pacs_jax.packing's plan of each
+    micro-batch, the fullest one x (1 + PACK_MARGIN), rounded up to the trainer's ladder (which also
+    rounds to the data x fsdp split)."""
+    from pacs_jax.packing import first_fit_decreasing, row_ladder
+
+    t, r = config.trainer, config.rollout
+    micro = t.mini_batches * t.micro_batches
+    total = t.prompts_per_step * r.group_size
+    per_micro = total // micro
+    responses = rlvr_response_lengths(total, r.max_new_tokens)
+    lengths = min(PACK_PROMPT_TOKENS, prompt_len) + responses
+    needed = [first_fit_decreasing(lengths[m * per_micro : (m + 1) * per_micro], t.pack_row_tokens)[2] for m in range(micro)]
+    wanted = math.ceil(max(needed) * (1 + PACK_MARGIN))
+    ladder = row_ladder(per_micro, row_multiple)
+    return PackedShape(t.pack_row_tokens, micro, per_micro, next((n for n in ladder if n >= wanted), ladder[-1]),
+                       max(needed), sum(needed) / micro, float(responses.mean()))
+
 
 def compile_for_topology(
     config: Config, topology: TpuTopology, arch_file: str = "", programs: Sequence[str] = PROGRAMS
 ) -> CompileReport:
     """Compile the rollout, old-log-prob and update programs of `config` (or those named in
-    `programs`) for `topology`."""
+    `programs`) for `topology`: the rollout as `rollout.engine` runs on TPU (`auto` = static),
+    the other two on packed rows when `trainer.pack_row_tokens` is set."""
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise ConfigError(f"unknown program {unknown[0]!r}; choose from {list(PROGRAMS)}")
@@ -360,6 +420,7 @@ def compile_for_topology(
     from jax.sharding import NamedSharding, PartitionSpec
 
     from pacs_jax import sharding
+    from pacs_jax.packing import PACKED_KEYS
     from pacs_jax.rollout import SamplingParams, _generate, pick_bucket
     from pacs_jax.update import make_prepare_fn, make_update_fn
 
@@ -388,31 +449,40 @@ def compile_for_topology(
     # "auto" resolves by the platform that runs the program: TPU here, whatever this host is.
     if engine["decode_layers"] == "auto":
         engine["decode_layers"] = "scan"
-    if engine.get("engine") == "compact":
-        raise ConfigError("rollout.engine=compact: the compile check covers the static decode loop only (what "
-                          "rollout.engine=auto runs on TPU); use rollout.engine=auto or static")
-    if engine.get("engine") == "auto":
+    if engine["engine"] == "auto":
         engine["engine"] = "static"
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_ids, pad_id=stop_ids[0], **engine)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    prompt_arrays = (batch_array((prompts, prompt_len), jnp.int32), batch_array((prompts, prompt_len), jnp.int32))
+
+    # The batches as the trainer builds them (pacs_jax/train.py): the rollout, the packed layout
+    # when packing, and for the update the rewards, old log-probs and the sampler's log-probs.
     rollout_arrays = {
         "prompt_ids": batch_array((rows, prompt_len), jnp.int32),
         "prompt_mask": batch_array((rows, prompt_len), jnp.int32),
         "response_ids": batch_array((rows, response_len), jnp.int32),
         "response_mask": batch_array((rows, response_len), jnp.int32),
     }
+    packed = packed_shape(config, prompt_len, sharding.batch_size_divisor(mesh)) if t.pack_row_tokens else None
+    if packed:
+        shapes = {"packed_ids": (packed.rows, packed.row_tokens), "segment_ids": (packed.rows, packed.row_tokens),
+                  "positions": (packed.rows, packed.row_tokens), "take": (rows, response_len)}
+        rollout_arrays.update({k: batch_array(shapes[k], jnp.int32) for k in PACKED_KEYS})
     needs_reference = a.name == "grpo" and a.kl_coef > 0
     update_batch = {**rollout_arrays, "rewards": batch_array((rows,), jnp.float32),
-                    "old_logprobs": batch_array((rows, response_len), jnp.float32)}
+                    "old_logprobs": batch_array((rows, response_len), jnp.float32),
+                    "sampler_logprobs": batch_array((rows, response_len), jnp.float32)}
     if needs_reference:
         update_batch["ref_logprobs"] = batch_array((rows, response_len), jnp.float32)
     if a.name == "ppo":
         update_batch["old_values"] = batch_array((rows, response_len), jnp.float32)
 
-    # The old-log-prob pass runs over the same rows per forward as one gradient micro-batch.
+    # As the trainer: the old-log-prob pass runs over the same rows per forward as one gradient
+    # micro-batch, and skips the first mini-batch's chunks (the update computes those on-policy).
     prepare_chunks = prepare_chunk_count(config)
-    prepare = make_prepare_fn(graphdefs, a, temperature=r.temperature, chunks=prepare_chunks)
+    prepare = make_prepare_fn(graphdefs, a, temperature=r.temperature, chunks=prepare_chunks,
+                              on_policy_chunks=t.micro_batches)
     update = make_update_fn(
         graphdefs, optimizer, a, group_size=r.group_size, mini_batches=t.mini_batches,
         micro_batches=t.micro_batches, temperature=r.temperature, state_sharding=state_sharding,
@@ -420,23 +490,38 @@ def compile_for_topology(
 
     chips, weights = topology.chips, _matmul_weights(decoder_config)
     networks = 2 if a.name == "ppo" else 1  # PPO's critic is a second decoder
-    forward_tokens = rows * (prompt_len + response_len)
+    forward_tokens = packed.rows * packed.row_tokens if packed else rows * (prompt_len + response_len)
+    policy_forwards = 1 - t.micro_batches / prepare_chunks  # the first mini-batch's chunks are skipped
     backward_factor = 4 if decoder_config.remat != "none" else 3  # forward + backward (2x) + recompute
-    candidates = [
-        ("rollout", lambda: _generate.lower(
-            graphdefs["policy"], policy_params, batch_array((prompts, prompt_len), jnp.int32),
-            batch_array((prompts, prompt_len), jnp.int32), key, params=sampling, group_size=r.group_size),
-         2 * weights * (prompts * prompt_len + rows * response_len) / chips),
-        ("old_logprobs", lambda: prepare.lower(state.params, policy_params if needs_reference else None, rollout_arrays),
-         2 * weights * forward_tokens * (networks + needs_reference) / chips),
-        ("update", lambda: update.lower(state, update_batch),
-         2 * weights * forward_tokens * backward_factor * networks / chips),
-    ]
     reports = []
     with jax.set_mesh(mesh):
-        for name, lower, flops in candidates:
-            if name in programs:
-                reports.append(_compile(name, lower, topology.hbm_bytes, flops))
+        if "rollout" in programs and sampling.engine == "compact":
+            reports += _compile_compact_rollout(graphdefs["policy"], policy_params, prompt_arrays, key, sampling,
+                                                r.group_size, topology, weights)
+        elif "rollout" in programs:
+            reports.append(_compile("rollout", lambda: _generate.lower(
+                graphdefs["policy"], policy_params, *prompt_arrays, key, params=sampling, group_size=r.group_size),
+                topology.hbm_bytes, 2 * weights * (prompts * prompt_len + rows * response_len) / chips)[0])
+        if "old_logprobs" in programs:
+            flops = 2 * weights * forward_tokens * (policy_forwards + networks - 1 + needs_reference) / chips
+            reports.append(_compile("old_logprobs", lambda: prepare.lower(
+                state.params, policy_params if needs_reference else None, rollout_arrays), topology.hbm_bytes, flops)[0])
+        if "update" in programs:
+            flops = 2 * weights * forward_tokens * backward_factor * networks / chips
+            reports.append(_compile("update", lambda: update.lower(state, update_batch), topology.hbm_bytes, flops)[0])
+    model = {
+        "layers": decoder_config.num_layers, "hidden_size": decoder_config.hidden_size,
+        "vocab_size": decoder_config.vocab_size, "param_dtype": decoder_config.param_dtype,
+        "compute_dtype": decoder_config.compute_dtype, "remat": decoder_config.remat,
+        "prompts_per_step": prompts, "group_size": r.group_size, "prompt_tokens": prompt_len,
+        "response_tokens": response_len, "mini_batches": t.mini_batches, "micro_batches": t.micro_batches,
+        "old_logprob_chunks": prepare_chunks, "algorithm": a.name, "rollout_engine": sampling.engine,
+        "compact_every": sampling.compact_every, "compact_buckets": sampling.compact_buckets,
+        "decode_segments": sampling.decode_segments,
+    }
+    if packed:
+        model["packing"] = {**dataclasses.asdict(packed), "rows": packed.rows, "assumed_prompt_tokens": min(PACK_PROMPT_TOKENS, prompt_len),
+                            "assumed_responses": f"rlvr (bench/rollout_lengths.py), seed {PACK_SEED}", "margin": PACK_MARGIN}
     return CompileReport(
         topology=topology.name,
         libtpu_topology=topology.libtpu_name,
@@ -444,16 +529,69 @@ def compile_for_topology(
         hosts=topology.hosts,
         hbm_bytes=topology.hbm_bytes,
         mesh=dict(mesh.shape),
-        model={
-            "layers": decoder_config.num_layers, "hidden_size": decoder_config.hidden_size,
-            "vocab_size": decoder_config.vocab_size, "param_dtype": decoder_config.param_dtype,
-            "compute_dtype": decoder_config.compute_dtype, "remat": decoder_config.remat,
-            "prompts_per_step": prompts, "group_size": r.group_size, "prompt_tokens": prompt_len,
-            "response_tokens": response_len, "mini_batches": t.mini_batches, "micro_batches": t.micro_batches,
-            "old_logprob_chunks": prepare_chunks, "algorithm": a.name,
-        },
+        model=model,
         programs=reports,
     )
+
+
+def _compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampling, group_size: int,
+                             topology: TpuTopology, weights: int) -> list[ProgramReport]:
+    """The compacting engine's programs (pacs_jax/compact.py), each lowered with the shardings the
+    program before it hands on (as at run time): `_start`; `_decode` at the full batch and at the
+    smallest bucket, in the last segment (the widest attention window); `_regroup` from the full
+    batch to the next bucket down (its worst case: both batches' caches, the old one an argument,
+    the new one an output) and to the smallest bucket; `_finish`. Decode's model FLOPs are per
+    chunk of compact_every steps."""
+    import jax
+    import jax.numpy as jnp
+
+    from pacs_jax import compact
+
+    chips, hbm = topology.chips, topology.hbm_bytes
+    prompts, prompt_len = prompt_arrays[0].shape
+    total = prompts * group_size
+    smallest = compact.bucket_rows(1, total, sampling.compact_buckets)
+    quantum = smallest  # buckets are multiples of the smallest
+    below_full = compact.bucket_rows(total - quantum, total, sampling.compact_buckets)
+    end = jax.ShapeDtypeStruct((), jnp.int32, sharding=key.sharding)  # the decode step a chunk stops at
+    visible = prompt_len + sampling.max_new_tokens  # the last segment's window
+
+    def placed(lowered, compiled):
+        return jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
+                            lowered.out_info, compiled.output_shardings)
+
+    def run(name, lower, flops):
+        lowered = []
+        report, compiled = _compile(name, lambda: lowered.append(lower()) or lowered[0], hbm, flops)
+        return report, (placed(lowered[0], compiled) if compiled is not None else None)
+
+    def decode(name, loop, rows):
+        return run(name, lambda: compact._decode.lower(
+            graphdef, policy_params, None, loop, key, end, None, params=sampling, visible=visible, total_rows=total),
+            2 * weights * rows * sampling.compact_every / chips)[0]
+
+    def regroup(name, loop, out, rows):
+        return run(name, lambda: compact._regroup.lower(loop, out, rows=rows, slots=0), 0.0)
+
+    reports = []
+    report, started = run("rollout _start", lambda: compact._start.lower(
+        graphdef, policy_params, *prompt_arrays, params=sampling, group_size=group_size, unrolled=False),
+        2 * weights * prompts * prompt_len / chips)
+    reports.append(report)
+    if started is None:
+        return reports
+    _, loop, out = started
+    reports.append(decode(f"rollout _decode {total} rows", loop, total))
+    if 0 < below_full < total:
+        report, _ = regroup(f"rollout _regroup {total}->{below_full}", loop, out, below_full)
+        reports.append(report)
+        report, small = regroup(f"rollout _regroup {total}->{smallest}", loop, out, smallest)
+        reports.append(report)
+        if small is not None:
+            reports.append(decode(f"rollout _decode {smallest} rows", small[0], smallest))
+    reports.append(run("rollout _finish", lambda: compact._finish.lower(
+        loop, out, *prompt_arrays, params=sampling, group_size=group_size), 0.0)[0])
+    return reports
 
 
 def prepare_chunk_count(config: Config) -> int:
@@ -469,6 +607,12 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def compact_peak(report: CompileReport) -> Optional[ProgramReport]:
+    """The compacting engine's program with the highest per-chip peak (its rollout's peak), or None."""
+    compact = [p for p in report.programs if p.name.startswith("rollout _")]
+    return max(compact, key=lambda p: (not p.fits, p.peak_bytes)) if compact else None
+
+
 def format_report(report: CompileReport) -> str:
     hbm = report.hbm_bytes
     mesh = " x ".join(f"{axis} {size}" for axis, size in report.mesh.items())
@@ -479,28 +623,50 @@ def format_report(report: CompileReport) -> str:
         f"model: {m['layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, params {m['param_dtype']}, "
         f"compute {m['compute_dtype']}, remat {m['remat']}; {m['prompts_per_step']} prompts x {m['group_size']} responses, "
         f"{m['prompt_tokens']} + {m['response_tokens']} tokens, {m['mini_batches']} mini x {m['micro_batches']} micro-batches",
+        f"rollout engine: {m['rollout_engine']}" + (
+            f" (every {m['compact_every']} steps, {m['compact_buckets']} buckets; decode shown in the last of "
+            f"{m['decode_segments']} segments, model TFLOP per {m['compact_every']}-step chunk)"
+            if m["rollout_engine"] == "compact" else ""),
+    ]
+    pack = m.get("packing")
+    if pack:
+        lines.append(
+            f"packed old log-probs and update: {pack['micro_batches']} micro-batches x {pack['rows_per_micro']} rows of "
+            f"{pack['row_tokens']} tokens (padded: x {pack['sequences_per_micro']} rows of "
+            f"{m['prompt_tokens'] + m['response_tokens']}), assuming {pack['assumed_prompt_tokens']}-token prompts and "
+            f"rlvr responses (bench/rollout_lengths.py: log-normal, mean a quarter of the cap, 3% at the cap; this draw's "
+            f"mean {pack['mean_response_tokens']:.0f}): {pack['mean_rows']:.1f} rows per micro-batch on average, "
+            f"{pack['fullest_rows']} for the fullest, + {pack['margin']:.0%} margin, up to the trainer's ladder"
+        )
+    lines += [
         "",
-        f"{'program':<13}{'args GiB':>10}{'temp GiB':>10}{'out GiB':>10}{'peak GiB':>10}{'of HBM':>8}"
+        f"{'program':<31}{'args GiB':>10}{'temp GiB':>10}{'out GiB':>10}{'peak GiB':>10}{'of HBM':>8}"
         f"{'model TFLOP':>13}{'XLA TFLOP':>11}{'compile s':>11}",
     ]
     for p in report.programs:
         if p.error:
-            lines.append(f"{p.name:<13}{'does not fit: ' + p.error}")
+            lines.append(f"{p.name:<31}{'does not fit: ' + p.error}")
             continue
         lines.append(
-            f"{p.name:<13}{_gib(p.argument_bytes):>10}{_gib(p.temp_bytes):>10}{_gib(p.output_bytes):>10}"
+            f"{p.name:<31}{_gib(p.argument_bytes):>10}{_gib(p.temp_bytes):>10}{_gib(p.output_bytes):>10}"
             f"{_gib(p.peak_bytes):>10}{p.peak_bytes / hbm:>8.0%}{p.model_flops / 1e12:>13.1f}{p.xla_flops / 1e12:>11.2f}"
             f"{p.compile_s:>11.1f}"
         )
     lines.append("(per chip; peak = args + out - donated + temp + code; XLA counts each loop body once, "
                  "model TFLOP = 2 x weights x tokens per forward pass)")
+    top = compact_peak(report)
+    if top is not None:
+        lines.append(f"compact engine peak: {_gib(top.peak_bytes)} GiB per chip, set by {top.name[len('rollout '):]}"
+                     + (" (a regroup holds the old batch's cache, an argument, and the new one's, an output)"
+                        if "_regroup" in top.name else ""))
     return "\n".join(lines)
 
 
 _ADVICE = {
     "rollout": "the KV cache grows with trainer.prompts_per_step x rollout.group_size x (prompt + "
                "rollout.max_new_tokens) and is split over mesh.data x mesh.fsdp: use a larger topology, fewer "
-               "prompts per step, or shorter responses",
+               "prompts per step, or shorter responses (with rollout.engine=compact, whose regroup holds two "
+               "batches' caches at once: rollout.engine=static)",
     "old_logprobs": "more trainer.micro_batches (smaller forward chunks) or model.remat=full",
     "update": "more trainer.micro_batches (fewer responses per gradient micro-batch), model.remat=full, "
               "more mesh.fsdp (shards weights and optimizer state) or a larger topology",
@@ -513,7 +679,7 @@ def failure_message(report: CompileReport) -> str:
         if p.fits:
             continue
         need = f"needs {_gib(p.peak_bytes)} GiB per chip" if not p.error else p.error
-        lines.append(f"  {p.name}: {need}; try {_ADVICE[p.name]}")
+        lines.append(f"  {p.name}: {need}; try {_ADVICE[p.name.split()[0]]}")
     return "\n".join(lines)
 
 
