@@ -4,6 +4,7 @@
     python -m bench.rollout_lengths                               # tiny model, rlvr / uniform / all-max
     python -m bench.rollout_lengths --models tiny smollm2 --dists rlvr all-max
     python -m bench.rollout_lengths --prompts 16 --group 8 --new-tokens 512
+    python -m bench.rollout_lengths --regroup-memory --models smollm2 --prompts 32 --new-tokens 1024
 
 Both engines sample the same random-weight model from the same prompts, and every row emits the
 stop token at a step drawn from the distribution (`generate(..., stop_at=...)`; a decode step's
@@ -19,6 +20,10 @@ of the whole `generate` (prefill included), best of `--repeats` after a warm-up 
 same lengths (so compile time is excluded and reported apart); the two engines' timed calls
 alternate. Writes JSON (default
 bench/out/rollout_lengths.json).
+
+`--regroup-memory` instead compiles (never runs) the compacting engine's regroup from all rows to
+the next bucket down, for the stacked cache (the scan decode, as on TPU) and the per-layer cache
+(the unrolled CPU decode), and reports XLA's memory analysis against the two caches' sizes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import numpy as np
 from flax import nnx
 
 from bench.common import OUT_DIR, TINY_HF_CONFIG, machine_info, timed, write_json
+from pacs_jax import compact
 from pacs_jax.models import DecoderConfig, init_decoder
+from pacs_jax.models.llama import KVCache, LayerKVCache
 from pacs_jax.rollout import SamplingParams, generate, pad_prompts
 
 # SmolLM2-135M's shape (random weights: lengths are forced, so the weights do not matter).
@@ -117,6 +124,48 @@ def bench_model(name: str, args) -> list[dict]:
     return results
 
 
+def regroup_memory(config: DecoderConfig, rows: int, keep: int, prompt_len: int, new_tokens: int, layered: bool) -> dict:
+    """XLA's memory analysis of `compact._regroup` compiled for the current backend, from `rows`
+    rows to `keep`, with every cache slot present (the stacked cache's shape; the per-layer
+    cache's in the last segment). Bytes; `cache_old` / `cache_new` are the two caches' sizes."""
+    slots = prompt_len + new_tokens
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, rows, slots))
+    if layered:
+        cache = jax.eval_shape(LayerKVCache.from_stacked, cache)
+    spec = jax.ShapeDtypeStruct
+    loop = compact.CompactState(
+        step=spec((), np.int32), logits=spec((rows, config.vocab_size), np.float32), cache=cache,
+        cache_mask=spec((rows, slots), np.int32), done=spec((rows,), np.bool_), row_ids=spec((rows,), np.int32),
+        response=spec((rows, new_tokens), np.int32), logprobs=spec((rows, new_tokens), np.float32))
+    out = compact.Output(spec((rows, new_tokens), np.int32), spec((rows, new_tokens), np.float32))
+    memory = compact._regroup.lower(loop, out, rows=keep, slots=0).compile().memory_analysis()
+    cache_old = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    report = {"rows": rows, "keep": keep, "slots": slots, "layered": layered, "cache_dtype": config.compute_dtype,
+              "cache_old": cache_old, "cache_new": cache_old // rows * keep,
+              "argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
+              "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes}
+    # Live at once, at most: the arguments, the outputs that do not reuse one, the temporaries.
+    report["peak"] = report["argument"] + report["output"] - report["alias"] + report["temp"]
+    return report
+
+
+def bench_regroup_memory(args) -> list[dict]:
+    results = []
+    for name in args.models:
+        config = DecoderConfig.from_hf({**MODELS[name], "model_type": "llama"})
+        rows = args.prompts * args.group
+        quantum = -(-rows // args.compact_buckets)
+        keep = compact.bucket_rows(rows - quantum, rows, args.compact_buckets)  # the first compaction
+        for layered in (False, True):
+            report = {"model": name, **regroup_memory(config, rows, keep, 128, args.new_tokens, layered)}
+            gib = {key: report[key] / 2**30 for key in ("cache_old", "cache_new", "temp", "peak")}
+            print(f"{name} {'per-layer' if layered else 'stacked'} cache, {rows} -> {keep} rows: old cache "
+                  f"{gib['cache_old']:.2f} GiB, new {gib['cache_new']:.2f} GiB, temp {gib['temp']:.3f} GiB, "
+                  f"peak {gib['peak']:.2f} GiB", flush=True)
+            results.append(report)
+    return results
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny"])
@@ -129,10 +178,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--compact-buckets", type=int, default=SamplingParams(1).compact_buckets)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(OUT_DIR / "rollout_lengths.json"))
+    parser.add_argument("--regroup-memory", action="store_true",
+                        help="compile the regroup for the first compaction and report its memory analysis (runs nothing)")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/out/rollout_lengths.json, or "
+                        "rollout_lengths_regroup_memory.json with --regroup-memory)")
     args = parser.parse_args(argv)
     start = time.time()
-    results = [r for name in args.models for r in bench_model(name, args)]
+    if args.regroup_memory:
+        results = bench_regroup_memory(args)
+    else:
+        results = [r for name in args.models for r in bench_model(name, args)]
+    args.out = args.out or str(OUT_DIR / ("rollout_lengths_regroup_memory.json" if args.regroup_memory else "rollout_lengths.json"))
     payload = {"bench": "rollout_lengths", "machine": machine_info(), "args": vars(args), "results": results,
                "wall_s": time.time() - start}
     print(f"wrote {write_json(args.out, payload)}")

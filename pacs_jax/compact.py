@@ -116,9 +116,14 @@ def _write_out(loop: CompactState, out: Output) -> Output:
 
 
 def _take_rows(cache: KVCache | LayerKVCache, order: jax.Array):
+    """The cache's rows `order`, written straight into the new cache. The old cache stays alive
+    until the regroup returns (a smaller array cannot reuse its buffer), so the regroup's peak is
+    old + new cache; nothing more. The stacked cache is gathered one layer at a time: gathered at
+    once on its row axis (axis 1), XLA built half the new cache (the keys or the values) as a
+    temporary first (bench/RESULTS.md, the compact engine's memory)."""
     if isinstance(cache, LayerKVCache):  # [rows, ...] per layer
         return LayerKVCache(tuple(k[order] for k in cache.k), tuple(v[order] for v in cache.v))
-    return KVCache(cache.k[:, order], cache.v[:, order])  # [layers, rows, ...]
+    return KVCache(*jax.lax.map(lambda kv: (kv[0][order], kv[1][order]), (cache.k, cache.v)))  # [layers, rows, ...]
 
 
 @partial(jax.jit, static_argnames=("rows", "slots"), donate_argnames=("out",))

@@ -165,6 +165,31 @@ def test_forced_lengths_in_both_engines():
         generate(model, ids, mask, jax.random.key(0), SamplingParams(4, stop_ids=(0,)), stop_at=np.zeros(2))
 
 
+@pytest.mark.parametrize("layered", [False, True])
+def test_regroup_holds_the_two_caches_and_at_most_one_layer_more(layered):
+    """Compaction's memory, from XLA's analysis of the compiled `_regroup` (stacked cache: the scan
+    decode, as on TPU; per-layer: the unrolled CPU decode): the old cache (argument) and the new
+    one (output) are live together, since an array cannot shrink in place; anything beyond them is
+    at most one layer's keys and values of the kept rows. (Gathering the stacked cache at once
+    built half the new cache as a temporary: two layers' worth here.)"""
+    from bench.rollout_lengths import regroup_memory
+
+    layers, kv_heads, head_dim, vocab = 4, 2, 16, 97
+    config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_hidden_layers": layers, "num_attention_heads": 4,
+                                    "num_key_value_heads": kv_heads})
+    rows, keep, prompt_len, new = 16, 12, 8, 24
+    memory = regroup_memory(config, rows, keep, prompt_len, new, layered)
+    slots = prompt_len + new
+    row_bytes = 2 * layers * kv_heads * head_dim * slots * 4  # keys and values of one row, float32
+    # The rest of the state per row: logits, cache mask, done, row id, response and log-probs
+    # (running and written-out copies).
+    small_row_bytes = vocab * 4 + slots * 4 + 1 + 4 + 4 * new * 4
+    one_layer = 2 * keep * kv_heads * head_dim * slots * 4
+    assert memory["cache_old"] == rows * row_bytes and memory["cache_new"] == keep * row_bytes
+    assert memory["temp"] <= one_layer, memory
+    assert memory["peak"] <= (rows + keep) * (row_bytes + small_row_bytes) + one_layer, memory
+
+
 def test_bucket_rows():
     assert [compact.bucket_rows(n, 64, 16) for n in (64, 63, 60, 33, 5, 4, 1)] == [64, 64, 60, 36, 8, 4, 4]
     assert compact.bucket_rows(3, 64, 1) == 64  # one bucket: never compacts
