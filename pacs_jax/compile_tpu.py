@@ -536,12 +536,13 @@ def compile_for_topology(
 
 def _compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampling, group_size: int,
                              topology: TpuTopology, weights: int) -> list[ProgramReport]:
-    """The compacting engine's programs (pacs_jax/compact.py), each lowered with the shardings the
-    program before it hands on (as at run time): `_start`; `_decode` at the full batch and at the
-    smallest bucket, in the last segment (the widest attention window); `_regroup` from the full
-    batch to the next bucket down (its worst case: both batches' caches, the old one an argument,
-    the new one an output) and to the smallest bucket; `_finish`. Decode's model FLOPs are per
-    chunk of compact_every steps."""
+    """The compacting engine's programs (pacs_jax/compact.py), lowered with the shardings `_start`
+    hands on (as at run time): `_start`; `_decode` at the full batch and at the smallest bucket, in
+    the last segment (the widest attention window); `_regroup` from the full batch to the next
+    bucket down (its worst case: both batches' caches, the old one an argument, the new one an
+    output) and to the smallest bucket; `_finish`. The smallest bucket's decode gets its rows split
+    as `_start` splits the full batch's (what a regroup should hand on; each regroup's own output
+    layout shows in its output bytes). Decode's model FLOPs are per chunk of compact_every steps."""
     import jax
     import jax.numpy as jnp
 
@@ -585,10 +586,12 @@ def _compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampli
     if 0 < below_full < total:
         report, _ = regroup(f"rollout _regroup {total}->{below_full}", loop, out, below_full)
         reports.append(report)
-        report, small = regroup(f"rollout _regroup {total}->{smallest}", loop, out, smallest)
-        reports.append(report)
-        if small is not None:
-            reports.append(decode(f"rollout _decode {smallest} rows", small[0], smallest))
+        reports.append(regroup(f"rollout _regroup {total}->{smallest}", loop, out, smallest)[0])
+        small = jax.tree.map(lambda a: jax.ShapeDtypeStruct((smallest, *a.shape[1:]), a.dtype, sharding=a.sharding)
+                             if a.shape and a.shape[0] == total else a, loop)
+        small = small._replace(cache=jax.tree.map(  # the cache's rows are its second axis: [layers, rows, ...]
+            lambda a: jax.ShapeDtypeStruct((a.shape[0], smallest, *a.shape[2:]), a.dtype, sharding=a.sharding), loop.cache))
+        reports.append(decode(f"rollout _decode {smallest} rows", small, smallest))
     reports.append(run("rollout _finish", lambda: compact._finish.lower(
         loop, out, *prompt_arrays, params=sampling, group_size=group_size), 0.0)[0])
     return reports
@@ -656,7 +659,8 @@ def format_report(report: CompileReport) -> str:
                  "model TFLOP = 2 x weights x tokens per forward pass)")
     top = compact_peak(report)
     if top is not None:
-        lines.append(f"compact engine peak: {_gib(top.peak_bytes)} GiB per chip, set by {top.name[len('rollout '):]}"
+        need = f"{_gib(top.peak_bytes)} GiB per chip" if top.fits else "does not fit"
+        lines.append(f"compact engine peak: {need}, set by {top.name[len('rollout '):]}"
                      + (" (a regroup holds the old batch's cache, an argument, and the new one's, an output)"
                         if "_regroup" in top.name else ""))
     return "\n".join(lines)
@@ -665,8 +669,9 @@ def format_report(report: CompileReport) -> str:
 _ADVICE = {
     "rollout": "the KV cache grows with trainer.prompts_per_step x rollout.group_size x (prompt + "
                "rollout.max_new_tokens) and is split over mesh.data x mesh.fsdp: use a larger topology, fewer "
-               "prompts per step, or shorter responses (with rollout.engine=compact, whose regroup holds two "
-               "batches' caches at once: rollout.engine=static)",
+               "prompts per step, or shorter responses; with rollout.engine=compact, rollout.engine=static (a "
+               "regroup holds two batches' caches at once, and today XLA gathers the regrouped rows whole onto "
+               "every chip)",
     "old_logprobs": "more trainer.micro_batches (smaller forward chunks) or model.remat=full",
     "update": "more trainer.micro_batches (fewer responses per gradient micro-batch), model.remat=full, "
               "more mesh.fsdp (shards weights and optimizer state) or a larger topology",

@@ -53,16 +53,19 @@ def train_state_bytes() -> int:
     return 3 * 4 * weights
 
 
-def update_batch_bytes() -> int:
+def update_batch_bytes(packed_positions: int = 0) -> int:
+    """The update's batch as the trainer builds it; with packing, also ids, segment ids and
+    positions over `packed_positions` and the [N, T] take indices (int32)."""
     rows = PROMPTS * GROUP
     int32_columns = 2 * PROMPT_LEN + 2 * NEW_TOKENS  # prompt ids/mask, response ids/mask
-    return 4 * rows * (int32_columns + 1 + NEW_TOKENS)  # + rewards + old log-probs (float32)
+    padded = 4 * rows * (int32_columns + 1 + 2 * NEW_TOKENS)  # + rewards, old and sampler log-probs (float32)
+    return padded + (4 * (3 * packed_positions + rows * NEW_TOKENS) if packed_positions else 0)
 
 
-def kv_cache_bytes() -> int:
-    """Keys and values of every response for every layer, bfloat16."""
+def kv_cache_bytes(rows: int = PROMPTS * GROUP) -> int:
+    """Keys and values of `rows` responses for every layer, bfloat16."""
     head_dim = ARCH["hidden_size"] // ARCH["num_attention_heads"]
-    return 2 * 2 * ARCH["num_hidden_layers"] * PROMPTS * GROUP * ARCH["num_key_value_heads"] * (PROMPT_LEN + NEW_TOKENS) * head_dim
+    return 2 * 2 * ARCH["num_hidden_layers"] * rows * ARCH["num_key_value_heads"] * (PROMPT_LEN + NEW_TOKENS) * head_dim
 
 
 def check_against_closed_forms(programs: dict, chips: int, kv_cache_in_hbm: bool) -> None:
@@ -193,7 +196,81 @@ def test_model_arch_takes_the_vocabulary_of_a_tokenizer_that_needs_no_download(t
         compile_tpu.decoder_config_for(absent)
 
 
-def test_compact_engine_is_refused_rather_than_compiled_as_the_static_loop():
-    config = load_config(None, tiny_overrides() + ["rollout.engine=compact"])
-    with pytest.raises(ConfigError, match="rollout.engine=compact: the compile check covers the static decode loop only"):
-        compile_tpu.compile_for_topology(config, compile_tpu.parse_topology("v5e-4"), programs=["rollout"])
+@pytest.mark.slow
+def test_compact_engine_compiles_each_program_with_the_cache_split_over_the_chips(capsys):
+    config = load_config(None, tiny_overrides() + ["rollout.engine=compact", "rollout.compact_buckets=4"])
+    report = compile_tpu.compile_for_topology(config, compile_tpu.parse_topology("v5e-4"), programs=["rollout"])
+    rows, chips, quantum = PROMPTS * GROUP, 4, PROMPTS * GROUP // 4
+    programs = {p.name: p for p in report.programs}
+    assert list(programs) == ["rollout _start", f"rollout _decode {rows} rows", f"rollout _regroup {rows}->{rows - quantum}",
+                              f"rollout _regroup {rows}->{quantum}", f"rollout _decode {quantum} rows", "rollout _finish"]
+    assert report.model["rollout_engine"] == "compact" and report.fits
+    for p in programs.values():
+        assert p.fits and not p.error and p.peak_bytes > 0, p.name
+    full, small = programs[f"rollout _decode {rows} rows"], programs[f"rollout _decode {quantum} rows"]
+    # A decode chunk reads its rows' cache split over the chips as _start splits it (its share, plus
+    # the weights' share; not a copy per chip) and donates it.
+    for p, n in ((full, rows), (small, quantum)):
+        assert kv_cache_bytes(n) / chips <= p.argument_bytes <= (kv_cache_bytes(n) + train_state_bytes() / 3 * 1.1) / chips
+        assert p.alias_bytes >= kv_cache_bytes(n) / chips
+    # Analytic FLOPs of one compact_every-step chunk: 2 x matmul weights x rows x steps, per chip.
+    weights = ARCH["vocab_size"] * ARCH["hidden_size"] + 7 * ARCH["hidden_size"] ** 2  # LM head; q, k, v, o, 3 MLP (f = d)
+    assert full.model_flops == pytest.approx(2 * weights * rows * config.rollout.compact_every / chips)
+    # The worst regroup reads the full batch's cache and writes the next bucket's.
+    worst = programs[f"rollout _regroup {rows}->{rows - quantum}"]
+    assert worst.argument_bytes >= kv_cache_bytes(rows) / chips
+    assert worst.output_bytes >= kv_cache_bytes(rows - quantum) / chips
+    top = compile_tpu.compact_peak(report)
+    assert top.peak_bytes == max(p.peak_bytes for p in programs.values())
+    printed = compile_tpu.format_report(report)
+    assert f"compact engine peak: {top.peak_bytes / 2**30:.2f} GiB per chip, set by {top.name[len('rollout '):]}" in printed
+    assert "rollout engine: compact (every 32 steps, 4 buckets" in printed
+
+
+def test_rlvr_lengths_are_the_rollout_bench_draw():
+    from bench.rollout_lengths import response_lengths
+
+    for rows, cap in ((4096, 4096), (300, 224)):
+        drawn = compile_tpu.rlvr_response_lengths(rows, cap)
+        assert (drawn == response_lengths("rlvr", rows, cap, seed=compile_tpu.PACK_SEED)).all()
+    lengths = compile_tpu.rlvr_response_lengths(200_000, 4096)
+    assert lengths.mean() == pytest.approx(4096 / 4, rel=0.08)  # a quarter of the cap (less the clipped tail)
+    assert (lengths == 4096).mean() == pytest.approx(0.03, abs=0.003)
+
+
+@pytest.mark.slow
+def test_packed_passes_compile_at_the_rows_the_trainer_would_pack(capsys):
+    import numpy as np
+
+    from pacs_jax.packing import pack_rollout
+
+    row_tokens = 512
+    config = load_config(None, tiny_overrides() + [f"trainer.pack_row_tokens={row_tokens}", "trainer.mini_batches=2",
+                                                   "trainer.micro_batches=2"])
+    report = compile_tpu.compile_for_topology(config, compile_tpu.parse_topology("v5e-4"), programs=["old_logprobs", "update"])
+    pack = report.model["packing"]
+    # The trainer's own packing of the assumed lengths (bench/rollout_lengths.py's rlvr draw after
+    # PACK_PROMPT_TOKENS-token prompts, here capped by the 32-token bucket): its fullest micro-batch.
+    rows, micro = PROMPTS * GROUP, 4
+    responses = compile_tpu.rlvr_response_lengths(rows, NEW_TOKENS)
+    prompt_mask = np.ones((rows, PROMPT_LEN), np.int32)
+    response_mask = (np.arange(NEW_TOKENS)[None] < responses[:, None]).astype(np.int32)
+    _, stats = pack_rollout(prompt_mask, prompt_mask, response_mask, response_mask, micro_batches=micro, row_tokens=row_tokens,
+                            row_multiple=4)
+    assert pack["fullest_rows"] == stats["pack/rows_needed"]
+    assert pack["rows_per_micro"] >= stats["pack/rows_per_micro_batch"]
+    assert pack["rows_per_micro"] < rows // micro  # fewer rows than padded: the test means something
+    assert pack["rows_per_micro"] % 4 == 0 and pack["rows"] == micro * pack["rows_per_micro"]
+    programs = {p.name: dataclasses.asdict(p) for p in report.programs}
+    assert report.fits and set(programs) == {"old_logprobs", "update"}
+    positions = pack["rows"] * row_tokens
+    update = programs["update"]
+    assert update["argument_bytes"] == pytest.approx((train_state_bytes() + update_batch_bytes(positions)) / 4, rel=0.01)
+    weights = ARCH["vocab_size"] * ARCH["hidden_size"] + 7 * ARCH["hidden_size"] ** 2
+    # Forward + backward + remat recompute over the packed positions; the old-log-prob pass skips
+    # the first of two mini-batches (the update computes it on-policy).
+    assert update["model_flops"] == pytest.approx(2 * weights * positions * 4 / 4)
+    assert programs["old_logprobs"]["model_flops"] == pytest.approx(2 * weights * positions / 2 / 4)
+    printed = compile_tpu.format_report(report)
+    assert f"{micro} micro-batches x {pack['rows_per_micro']} rows of {row_tokens} tokens" in printed
+    assert "rlvr responses" in printed
