@@ -626,11 +626,12 @@ def format_report(report: CompileReport) -> str:
         f"model: {m['layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, params {m['param_dtype']}, "
         f"compute {m['compute_dtype']}, remat {m['remat']}; {m['prompts_per_step']} prompts x {m['group_size']} responses, "
         f"{m['prompt_tokens']} + {m['response_tokens']} tokens, {m['mini_batches']} mini x {m['micro_batches']} micro-batches",
-        f"rollout engine: {m['rollout_engine']}" + (
+    ]
+    if any(p.name.startswith("rollout") for p in report.programs):
+        lines.append(f"rollout engine: {m['rollout_engine']}" + (
             f" (every {m['compact_every']} steps, {m['compact_buckets']} buckets; decode shown in the last of "
             f"{m['decode_segments']} segments, model TFLOP per {m['compact_every']}-step chunk)"
-            if m["rollout_engine"] == "compact" else ""),
-    ]
+            if m["rollout_engine"] == "compact" else ""))
     pack = m.get("packing")
     if pack:
         lines.append(

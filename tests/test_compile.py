@@ -31,7 +31,9 @@ TINY = {
     "data": {"max_prompt_tokens": PROMPT_LEN},
     "rollout": {"group_size": GROUP, "max_new_tokens": NEW_TOKENS, "prompt_buckets": [PROMPT_LEN], "prefill_chunk": 16},
     "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-    "trainer": {"prompts_per_step": PROMPTS, "mini_batches": 1, "micro_batches": 1},
+    # Two mini-batches: with one, the trainer runs no old-log-prob pass (the update's first
+    # mini-batch computes its own, on-policy) and there would be nothing to check.
+    "trainer": {"prompts_per_step": PROMPTS, "mini_batches": 2, "micro_batches": 1},
 }
 
 
