@@ -89,6 +89,11 @@ def reference_logprobs(path: Path, rollout: dict, bf16_exact_weights: bool = Fal
     return out
 
 
+def score_change(new, old, mask, beta: float) -> np.ndarray:
+    """PACS's score per response from two sets of log-probs: beta * sum_t (new - old)."""
+    return beta * np.sum((np.asarray(new, np.float64) - np.asarray(old, np.float64)) * mask, axis=1)
+
+
 def make_loss_forward(graphdefs, algorithm, group_size: int):
     """The per-token log-probs that the PACS loss differentiates, returned from inside
     jax.value_and_grad (the same batch_logprobs + pacs_loss the update's _loss_fn calls)."""
@@ -108,6 +113,8 @@ def make_loss_forward(graphdefs, algorithm, group_size: int):
 
 
 def run(args) -> dict:
+    if args.dtypes[0] != "float32":
+        raise SystemExit("list float32 first in --dtypes: its optimizer step gives the weights 'after'")
     paper = load_config(PAPER_CONFIG)
     algorithm, beta = paper.algorithm, paper.algorithm.beta
     path = smollm2_dir()
@@ -130,10 +137,8 @@ def run(args) -> dict:
         return model
 
     result = {"machine": machine_info(), "args": vars(args), "model": "SmolLM2-135M-Instruct", "beta": beta,
-              "lr": paper.optimizer.lr, "remat": paper.model.remat, "bf16_exact_weights": args.bf16_exact_weights, "rows": rows, "dtypes": {}}
-    # One float32 optimizer step on the float32 rollout: the weights "after" for every dtype.
-    float32_graphdefs = None
-    rollouts, before, after = {}, None, None
+              "lr": paper.optimizer.lr, "remat": paper.model.remat, "rows": rows, "dtypes": {}}
+    float32_graphdefs, before, after = None, None, None
     for dtype in args.dtypes:
         start = time.perf_counter()
         graphdefs, state = init_train_state(decoder(dtype), optimizer, with_critic=False)
@@ -142,7 +147,6 @@ def run(args) -> dict:
         policy = nnx.merge(graphdefs["policy"], before["policy"])
         out = generate(policy, ids, mask, jax.random.key(args.seed), sampling, group_size=group)
         rollout = {k: getattr(out, k) for k in ROLLOUT_KEYS}
-        rollouts[dtype] = rollout
         prepare = make_prepare_fn(graphdefs, algorithm)
         old = prepare(before, None, rollout)["old_logprobs"]
         batch = {**rollout, "rewards": rewards, "old_logprobs": old, "sampler_logprobs": out.logprobs}
@@ -153,8 +157,7 @@ def run(args) -> dict:
                                     first_mini_batch_on_policy=False)
         _, update_metrics = off_policy(init_train_state(decoder(dtype), optimizer, False)[1], batch)
         if after is None:
-            if dtype != "float32":
-                raise SystemExit("list float32 first in --dtypes: its step gives the weights 'after'")
+            # One float32 optimizer step on the float32 rollout: the weights "after" for every dtype.
             on_policy = make_update_fn(graphdefs, optimizer, algorithm, group_size=group, mini_batches=1, micro_batches=1)
             after = on_policy(init_train_state(decoder(dtype), optimizer, False)[1], batch)[0].params
             float32_graphdefs = graphdefs
@@ -163,10 +166,10 @@ def run(args) -> dict:
         reference = reference_logprobs(path, rollout, args.bf16_exact_weights)
         # The step's signal through float32 on this dtype's responses (identical for float32 itself).
         prepare32 = make_prepare_fn(float32_graphdefs, algorithm)
-        signal32 = beta * np.sum((np.asarray(prepare32(after, None, rollout)["old_logprobs"], np.float64)
-                                  - np.asarray(prepare32(before, None, rollout)["old_logprobs"], np.float64)) * response_mask, axis=1)
-        signal = beta * np.sum((np.asarray(new, np.float64) - np.asarray(old, np.float64)) * response_mask, axis=1)
-        noise = beta * np.sum((np.asarray(loss_logprobs, np.float64) - np.asarray(old, np.float64)) * response_mask, axis=1)
+        signal32 = score_change(prepare32(after, None, rollout)["old_logprobs"], prepare32(before, None, rollout)["old_logprobs"],
+                                response_mask, beta)
+        signal = score_change(new, old, response_mask, beta)
+        noise = score_change(loss_logprobs, old, response_mask, beta)  # 0 where the two passes agree
         sampler = np.asarray(out.logprobs)
         result["dtypes"][dtype] = {
             "response_lengths": np.asarray(out.lengths).tolist(),
