@@ -29,18 +29,22 @@ the next bucket down, for the stacked cache (the scan decode, as on TPU) and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bench.common import OUT_DIR, TINY_HF_CONFIG, machine_info, timed, write_json
 from pacs_jax import compact
 from pacs_jax.models import DecoderConfig, init_decoder
 from pacs_jax.models.llama import KVCache, LayerKVCache
 from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.config import MeshConfig
+from pacs_jax.sharding import BATCH_AXES, make_mesh
 
 # SmolLM2-135M's shape (random weights: lengths are forced, so the weights do not matter).
 SMOLLM2_HF_CONFIG = dict(
@@ -124,24 +128,37 @@ def bench_model(name: str, args) -> list[dict]:
     return results
 
 
-def regroup_memory(config: DecoderConfig, rows: int, keep: int, prompt_len: int, new_tokens: int, layered: bool) -> dict:
+def regroup_memory(config: DecoderConfig, rows: int, keep: int, prompt_len: int, new_tokens: int, layered: bool,
+                   mesh=None) -> dict:
     """XLA's memory analysis of `compact._regroup` compiled for the current backend, from `rows`
     rows to `keep`, with every cache slot present (the stacked cache's shape; the per-layer
-    cache's in the last segment). Bytes; `cache_old` / `cache_new` are the two caches' sizes."""
+    cache's in the last segment). With `mesh`, the rows are split over its data x fsdp axes as the
+    trainer places them and the regroup is compiled under it. Bytes per device; `cache_old` /
+    `cache_new` are one device's share of the two caches."""
     slots = prompt_len + new_tokens
     cache = jax.eval_shape(lambda: KVCache.zeros(config, rows, slots))
     if layered:
         cache = jax.eval_shape(LayerKVCache.from_stacked, cache)
-    spec = jax.ShapeDtypeStruct
+    ways = 1 if mesh is None else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+    def spec(shape, dtype, row_axis=0):  # rows (on row_axis) split over the mesh's batch axes
+        if mesh is None or not shape:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
+        axes = [None] * len(shape)
+        axes[row_axis] = BATCH_AXES
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*axes)))
+
+    cache = jax.tree.map(lambda a: spec(a.shape, a.dtype, 0 if layered else 1), cache)  # stacked: [layers, rows, ...]
     loop = compact.CompactState(
         step=spec((), np.int32), logits=spec((rows, config.vocab_size), np.float32), cache=cache,
         cache_mask=spec((rows, slots), np.int32), done=spec((rows,), np.bool_), row_ids=spec((rows,), np.int32),
         response=spec((rows, new_tokens), np.int32), logprobs=spec((rows, new_tokens), np.float32))
     out = compact.Output(spec((rows, new_tokens), np.int32), spec((rows, new_tokens), np.float32))
-    memory = compact._regroup.lower(loop, out, rows=keep, slots=0).compile().memory_analysis()
-    cache_old = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        memory = compact._regroup.lower(loop, out, rows=keep, slots=0).compile().memory_analysis()
+    cache_old = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) // ways
     report = {"rows": rows, "keep": keep, "slots": slots, "layered": layered, "cache_dtype": config.compute_dtype,
-              "cache_old": cache_old, "cache_new": cache_old // rows * keep,
+              "devices_per_batch": ways, "cache_old": cache_old, "cache_new": cache_old // rows * keep,
               "argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
               "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes}
     # Live at once, at most: the arguments, the outputs that do not reuse one, the temporaries.
@@ -150,18 +167,21 @@ def regroup_memory(config: DecoderConfig, rows: int, keep: int, prompt_len: int,
 
 
 def bench_regroup_memory(args) -> list[dict]:
+    mesh = None
+    if args.row_devices > 1:  # rows split over that many devices, as on a TPU slice
+        mesh = make_mesh(MeshConfig(data=1, fsdp=args.row_devices), jax.devices()[: args.row_devices])
     results = []
     for name in args.models:
         config = DecoderConfig.from_hf({**MODELS[name], "model_type": "llama"})
         rows = args.prompts * args.group
-        quantum = -(-rows // args.compact_buckets)
-        keep = compact.bucket_rows(rows - quantum, rows, args.compact_buckets)  # the first compaction
+        # The first compaction: one bucket (the smallest batch) fewer than all rows.
+        keep = rows - compact.bucket_rows(1, rows, args.compact_buckets, args.row_devices)
         for layered in (False, True):
-            report = {"model": name, **regroup_memory(config, rows, keep, 128, args.new_tokens, layered)}
+            report = {"model": name, **regroup_memory(config, rows, keep, 128, args.new_tokens, layered, mesh)}
             gib = {key: report[key] / 2**30 for key in ("cache_old", "cache_new", "temp", "peak")}
-            print(f"{name} {'per-layer' if layered else 'stacked'} cache, {rows} -> {keep} rows: old cache "
-                  f"{gib['cache_old']:.2f} GiB, new {gib['cache_new']:.2f} GiB, temp {gib['temp']:.3f} GiB, "
-                  f"peak {gib['peak']:.2f} GiB", flush=True)
+            print(f"{name} {'per-layer' if layered else 'stacked'} cache, {rows} -> {keep} rows over {args.row_devices} "
+                  f"device(s), per device: old cache {gib['cache_old']:.2f} GiB, new {gib['cache_new']:.2f} GiB, "
+                  f"temp {gib['temp']:.3f} GiB, peak {gib['peak']:.2f} GiB", flush=True)
             results.append(report)
     return results
 
@@ -180,6 +200,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--regroup-memory", action="store_true",
                         help="compile the regroup for the first compaction and report its memory analysis (runs nothing)")
+    parser.add_argument("--row-devices", type=int, default=1,
+                        help="--regroup-memory: split the rows over this many devices (on CPU, set "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count to at least this)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/out/rollout_lengths.json, or "
                         "rollout_lengths_regroup_memory.json with --regroup-memory)")
     args = parser.parse_args(argv)

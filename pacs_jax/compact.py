@@ -26,6 +26,7 @@ Compiled shapes: (decode segments) x (buckets actually reached) decode loops.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from flax import nnx
 
 from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache
 from pacs_jax.rollout import Rollout, SamplingParams, decode_token, finish_rollout, force_stop, prefill_groups, sample_token
+from pacs_jax.sharding import BATCH_AXES
 
 
 class CompactState(NamedTuple):
@@ -55,11 +57,26 @@ class Output(NamedTuple):
     logprobs: jax.Array  # [N, T]
 
 
-def bucket_rows(live: int, total: int, buckets: int) -> int:
+def bucket_rows(live: int, total: int, buckets: int, shards: int = 1) -> int:
     """The running batch's row count for `live` unfinished rows of `total`: the next multiple of
-    ceil(total / buckets), so at most `buckets` shapes are ever compiled."""
+    ceil(total / buckets) (rounded up to a multiple of `shards`, the row blocks of row_shards),
+    so at most `buckets` shapes are ever compiled."""
     quantum = -(-total // buckets)
+    quantum = -(-quantum // shards) * shards
     return min(total, -(-live // quantum) * quantum)
+
+
+def row_shards(rows: int) -> int:
+    """How many contiguous blocks of rows the running batch is split into over the devices of the
+    mesh traced under (data x fsdp, as `pacs_jax.sharding` places a batch; 1 without a mesh or when
+    they do not divide `rows`). A regroup compacts each block within itself, on its own device: a
+    gather across blocks made XLA all-gather the whole cache onto every chip (1.98 TB of
+    temporaries per chip for the paper's 7B rollout on v5p-64, `python -m pacs_jax compile`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    ways = math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.shape)
+    return ways if rows % ways == 0 else 1
 
 
 def _stop_ids(params: SamplingParams) -> jax.Array:
@@ -83,7 +100,7 @@ def _start(graphdef, state, prompt_ids, prompt_mask, *, params: SamplingParams, 
 def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, params: SamplingParams, visible: int,
             total_rows: int):
     """Decode until step `end` (traced: one compiled loop serves every chunk of a segment) or until
-    every row is done. Returns (state, count of unfinished rows)."""
+    every row is done. Returns (state, the rows a regroup must keep: `_rows_needed`)."""
     model: Decoder = nnx.merge(graphdef, state)
     prompt_len = loop.cache_mask.shape[1] - params.max_new_tokens
     stop_ids = _stop_ids(params)
@@ -106,7 +123,14 @@ def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, p
         return loop._replace(step=step + 1, logits=logits, cache=cache, done=done, response=response, logprobs=logprobs)
 
     loop = jax.lax.while_loop(cond, body, loop)
-    return loop, jnp.sum(~loop.done)
+    return loop, _rows_needed(loop.done)
+
+
+def _rows_needed(done: jax.Array) -> jax.Array:
+    """The fewest rows that hold every unfinished one once each block of rows (row_shards) is
+    compacted within itself: blocks x the most unfinished rows in one block."""
+    shards = row_shards(done.shape[0])
+    return shards * jnp.max(jnp.sum(~done.reshape(shards, -1), axis=1))
 
 
 def _write_out(loop: CompactState, out: Output) -> Output:
@@ -115,35 +139,48 @@ def _write_out(loop: CompactState, out: Output) -> Output:
                   out.logprobs.at[loop.row_ids].set(loop.logprobs, mode="drop"))
 
 
-def _take_rows(cache: KVCache | LayerKVCache, order: jax.Array):
+def _take_rows(x: jax.Array, order: jax.Array, axis: int = 0) -> jax.Array:
+    """Rows `order` [blocks, keep] of `x` (rows on `axis`), each block's taken from within that
+    block (row_shards): a gather batched over the blocks, which XLA keeps on each device."""
+    blocks, keep = order.shape
+    x = x.reshape(*x.shape[:axis], blocks, -1, *x.shape[axis + 1:])
+    taken = jax.vmap(lambda block, rows: jnp.take(block, rows, axis=axis), in_axes=(axis, 0), out_axes=axis)(x, order)
+    return taken.reshape(*taken.shape[:axis], blocks * keep, *taken.shape[axis + 2:])
+
+
+def _take_cache_rows(cache: KVCache | LayerKVCache, order: jax.Array):
     """The cache's rows `order`, written straight into the new cache. The old cache stays alive
     until the regroup returns (a smaller array cannot reuse its buffer), so the regroup's peak is
     old + new cache; nothing more. The stacked cache is gathered one layer at a time: gathered at
     once on its row axis (axis 1), XLA built half the new cache (the keys or the values) as a
     temporary first (bench/RESULTS.md, the compact engine's memory)."""
     if isinstance(cache, LayerKVCache):  # [rows, ...] per layer
-        return LayerKVCache(tuple(k[order] for k in cache.k), tuple(v[order] for v in cache.v))
-    return KVCache(*jax.lax.map(lambda kv: (kv[0][order], kv[1][order]), (cache.k, cache.v)))  # [layers, rows, ...]
+        return LayerKVCache(tuple(_take_rows(k, order) for k in cache.k), tuple(_take_rows(v, order) for v in cache.v))
+    return KVCache(*jax.lax.map(lambda kv: (_take_rows(kv[0], order), _take_rows(kv[1], order)), (cache.k, cache.v)))
 
 
 @partial(jax.jit, static_argnames=("rows", "slots"), donate_argnames=("out",))
 def _regroup(loop: CompactState, out: Output, *, rows: int, slots: int):
-    """Writes every row out, then keeps the first `rows` rows with unfinished ones first (in their
-    order), marking the rest padding; with `slots` (unrolled decode), grows the caches to it."""
+    """Writes every row out, then keeps `rows` rows: in each block of rows (row_shards), its first
+    rows / blocks with unfinished ones first (in their order), the rest marked padding; with
+    `slots` (unrolled decode), grows the caches to it."""
     out = _write_out(loop, out)
     if rows < loop.done.shape[0]:
-        order = jnp.argsort(loop.done, stable=True)[:rows]
-        # Rows past the live count are finished rows already written out: padding from now on.
-        padding = jnp.arange(rows) >= jnp.sum(~loop.done)
+        blocks = row_shards(loop.done.shape[0])
+        done = loop.done.reshape(blocks, -1)
+        order = jnp.argsort(done, axis=1, stable=True)[:, : rows // blocks]
+        # Rows past a block's live count are finished rows already written out: padding from now on.
+        padding = (jnp.arange(rows // blocks)[None] >= jnp.sum(~done, axis=1, keepdims=True)).reshape(rows)
+        take = partial(_take_rows, order=order)
         loop = CompactState(
             step=loop.step,
-            logits=loop.logits[order],
-            cache=_take_rows(loop.cache, order),
-            cache_mask=loop.cache_mask[order],
-            done=loop.done[order],
-            row_ids=jnp.where(padding, out.response.shape[0], loop.row_ids[order]),
-            response=loop.response[order],
-            logprobs=loop.logprobs[order],
+            logits=take(loop.logits),
+            cache=_take_cache_rows(loop.cache, order),
+            cache_mask=take(loop.cache_mask),
+            done=take(loop.done),
+            row_ids=jnp.where(padding, out.response.shape[0], take(loop.row_ids)),
+            response=take(loop.response),
+            logprobs=take(loop.logprobs),
         )
     if slots > loop.cache.slots:
         loop = loop._replace(cache=loop.cache.grow(slots))
@@ -163,12 +200,13 @@ def generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params: Samp
     layers, loop, out = _start(graphdef, state, prompt_ids, prompt_mask, params=params, group_size=group_size,
                                unrolled=unrolled)
     total = rows = loop.done.shape[0]
+    shards = row_shards(total)  # the mesh generate runs under, as the jitted functions see it
     prompt_len = prompt_ids.shape[1]
     step, live = 0, total
     for end in params.segment_ends():
         visible = prompt_len + end
         while step < end and live:
-            target = bucket_rows(live, total, params.compact_buckets)
+            target = bucket_rows(live, total, params.compact_buckets, shards)
             grow = visible if unrolled and loop.cache.slots < visible else 0
             if target < rows or grow:
                 loop, out = _regroup(loop, out, rows=target, slots=grow)
@@ -176,5 +214,5 @@ def generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params: Samp
             step = min(end, step + params.compact_every)
             loop, live = _decode(graphdef, state, layers, loop, key, jnp.int32(step), stop_at, params=params,
                                  visible=visible, total_rows=total)
-            live = int(live)  # the host's one sync per chunk: it decides the next batch shape
+            live = int(live)  # rows needed: the host's one sync per chunk, it decides the next batch shape
     return _finish(loop, out, prompt_ids, prompt_mask, params=params, group_size=group_size)

@@ -13,9 +13,10 @@ import transformers
 from flax import nnx
 
 from pacs_jax import compact
-from pacs_jax.config import Config, ConfigError, validate
+from pacs_jax.config import Config, ConfigError, MeshConfig, validate
 from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
 from pacs_jax.rollout import SamplingParams, generate, pad_prompts, sampling_weights
+from pacs_jax.sharding import make_mesh
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=256)
 
@@ -109,6 +110,29 @@ def test_samples_what_the_static_sampler_samples(layers, regroups):
     assert not np.array_equal(np.asarray(other.response_ids), np.asarray(ours.response_ids))
 
 
+def test_rows_split_over_devices_compact_within_their_blocks(regroups):
+    """Under a mesh whose data x fsdp axes split the rows 4 ways (as in the trainer), each device's
+    block of rows is compacted within itself (every batch a multiple of 4 rows) and the tokens,
+    log-probs and lengths are still the static loop's on one device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    model = tiny_llama(seed=3)
+    ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13], [20, 21, 22, 23]], [12], 0)
+    sampling = dict(temperature=0.8, top_k=30, stop_ids=tuple(range(3, 15)), decode_layers="scan", decode_segments=2)
+    static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling), group_size=4)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    graphdef, state = nnx.split(model)
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        ours = generate((graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec()))), jax.device_put(ids, rows),
+                        jax.device_put(mask, rows), jax.random.key(5), SamplingParams(16, **sampling, **compacting()), group_size=4)
+    for field in ("response_ids", "response_mask", "lengths", "decode_steps"):
+        np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(static, field)), err_msg=field)
+    np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(static.logprobs), atol=1e-5)
+    assert len(set(np.asarray(static.lengths).tolist())) > 2, static.lengths  # rows finished at different steps
+    assert regroups and all(rows % 4 == 0 for rows in regroups) and regroups[-1] < 16, regroups
+
+
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (8, 0.8)])
 def test_sampling_distribution_chi_square(top_k, top_p, regroups):
     """Every token the engine samples, in every row and step (after compactions), follows the
@@ -166,28 +190,32 @@ def test_forced_lengths_in_both_engines():
 
 
 @pytest.mark.parametrize("layered", [False, True])
-def test_regroup_holds_the_two_caches_and_at_most_one_layer_more(layered):
+@pytest.mark.parametrize("devices", [1, 8])
+def test_regroup_holds_the_two_caches_and_at_most_one_layer_more(layered, devices):
     """Compaction's memory, from XLA's analysis of the compiled `_regroup` (stacked cache: the scan
-    decode, as on TPU; per-layer: the unrolled CPU decode): the old cache (argument) and the new
-    one (output) are live together, since an array cannot shrink in place; anything beyond them is
-    at most one layer's keys and values of the kept rows. (Gathering the stacked cache at once
-    built half the new cache as a temporary: two layers' worth here.)"""
+    decode, as on TPU; per-layer: the unrolled CPU decode), per device: the old cache (argument)
+    and the new one (output) are live together, since an array cannot shrink in place; anything
+    beyond them is at most one layer's keys and values of the kept rows. With the rows split over
+    8 devices (as the trainer places them), each device holds its share of both caches: a gather
+    across devices gave every device all the kept rows (output 8x) and a copy of them. (Gathering
+    the stacked cache at once built half the new cache as a temporary: two layers' worth here.)"""
     from bench.rollout_lengths import regroup_memory
 
     layers, kv_heads, head_dim, vocab = 4, 2, 16, 97
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_hidden_layers": layers, "num_attention_heads": 4,
                                     "num_key_value_heads": kv_heads})
-    rows, keep, prompt_len, new = 16, 12, 8, 24
-    memory = regroup_memory(config, rows, keep, prompt_len, new, layered)
+    rows, keep, prompt_len, new = 32, 16, 8, 24
+    mesh = None if devices == 1 else make_mesh(MeshConfig(data=2, fsdp=4), jax.devices()[:devices])
+    memory = regroup_memory(config, rows, keep, prompt_len, new, layered, mesh)
     slots = prompt_len + new
     row_bytes = 2 * layers * kv_heads * head_dim * slots * 4  # keys and values of one row, float32
     # The rest of the state per row: logits, cache mask, done, row id, response and log-probs
     # (running and written-out copies).
     small_row_bytes = vocab * 4 + slots * 4 + 1 + 4 + 4 * new * 4
-    one_layer = 2 * keep * kv_heads * head_dim * slots * 4
-    assert memory["cache_old"] == rows * row_bytes and memory["cache_new"] == keep * row_bytes
+    one_layer = 2 * keep // devices * kv_heads * head_dim * slots * 4
+    assert memory["cache_old"] == rows // devices * row_bytes and memory["cache_new"] == keep // devices * row_bytes
     assert memory["temp"] <= one_layer, memory
-    assert memory["peak"] <= (rows + keep) * (row_bytes + small_row_bytes) + one_layer, memory
+    assert memory["peak"] <= (rows + keep) // devices * (row_bytes + small_row_bytes) + one_layer, memory
 
 
 def test_bucket_rows():
