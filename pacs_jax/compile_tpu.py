@@ -551,49 +551,43 @@ def _compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampli
     chips, hbm = topology.chips, topology.hbm_bytes
     prompts, prompt_len = prompt_arrays[0].shape
     total = prompts * group_size
-    smallest = compact.bucket_rows(1, total, sampling.compact_buckets)
-    quantum = smallest  # buckets are multiples of the smallest
-    below_full = compact.bucket_rows(total - quantum, total, sampling.compact_buckets)
+    smallest = compact.bucket_rows(1, total, sampling.compact_buckets)  # every bucket is a multiple of it
+    below_full = compact.bucket_rows(total - smallest, total, sampling.compact_buckets)
     end = jax.ShapeDtypeStruct((), jnp.int32, sharding=key.sharding)  # the decode step a chunk stops at
     visible = prompt_len + sampling.max_new_tokens  # the last segment's window
 
-    def placed(lowered, compiled):
-        return jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
-                            lowered.out_info, compiled.output_shardings)
-
-    def run(name, lower, flops):
-        lowered = []
-        report, compiled = _compile(name, lambda: lowered.append(lower()) or lowered[0], hbm, flops)
-        return report, (placed(lowered[0], compiled) if compiled is not None else None)
-
-    def decode(name, loop, rows):
-        return run(name, lambda: compact._decode.lower(
-            graphdef, policy_params, None, loop, key, end, None, params=sampling, visible=visible, total_rows=total),
-            2 * weights * rows * sampling.compact_every / chips)[0]
-
-    def regroup(name, loop, out, rows):
-        return run(name, lambda: compact._regroup.lower(loop, out, rows=rows, slots=0), 0.0)
-
-    reports = []
-    report, started = run("rollout _start", lambda: compact._start.lower(
-        graphdef, policy_params, *prompt_arrays, params=sampling, group_size=group_size, unrolled=False),
-        2 * weights * prompts * prompt_len / chips)
-    reports.append(report)
-    if started is None:
+    started = []
+    report, compiled = _compile("rollout _start", lambda: started.append(compact._start.lower(
+        graphdef, policy_params, *prompt_arrays, params=sampling, group_size=group_size, unrolled=False)) or started[0],
+        hbm, 2 * weights * prompts * prompt_len / chips)
+    reports = [report]
+    if compiled is None:
         return reports
-    _, loop, out = started
-    reports.append(decode(f"rollout _decode {total} rows", loop, total))
+    # The running batch and the output as _start hands them on: its shapes, XLA's shardings.
+    _, loop, out = jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
+                                started[0].out_info, compiled.output_shardings)
+
+    def decode(loop, rows):
+        return _compile(f"rollout _decode {rows} rows", lambda: compact._decode.lower(
+            graphdef, policy_params, None, loop, key, end, None, params=sampling, visible=visible, total_rows=total),
+            hbm, 2 * weights * rows * sampling.compact_every / chips)[0]
+
+    def regroup(rows):
+        return _compile(f"rollout _regroup {total}->{rows}", lambda: compact._regroup.lower(loop, out, rows=rows, slots=0),
+                        hbm, 0.0)[0]
+
+    def resized(a, axis):  # `smallest` rows along `axis`, split as the full batch is
+        shape = (*a.shape[:axis], smallest, *a.shape[axis + 1 :])
+        return jax.ShapeDtypeStruct(shape, a.dtype, sharding=a.sharding)
+
+    reports.append(decode(loop, total))
     if 0 < below_full < total:
-        report, _ = regroup(f"rollout _regroup {total}->{below_full}", loop, out, below_full)
-        reports.append(report)
-        reports.append(regroup(f"rollout _regroup {total}->{smallest}", loop, out, smallest)[0])
-        small = jax.tree.map(lambda a: jax.ShapeDtypeStruct((smallest, *a.shape[1:]), a.dtype, sharding=a.sharding)
-                             if a.shape and a.shape[0] == total else a, loop)
-        small = small._replace(cache=jax.tree.map(  # the cache's rows are its second axis: [layers, rows, ...]
-            lambda a: jax.ShapeDtypeStruct((a.shape[0], smallest, *a.shape[2:]), a.dtype, sharding=a.sharding), loop.cache))
-        reports.append(decode(f"rollout _decode {smallest} rows", small, smallest))
-    reports.append(run("rollout _finish", lambda: compact._finish.lower(
-        loop, out, *prompt_arrays, params=sampling, group_size=group_size), 0.0)[0])
+        reports += [regroup(below_full), regroup(smallest)]
+        # Rows lead every array but the cache, [layers, rows, ...]; the step is a scalar.
+        small = jax.tree.map(lambda a: resized(a, 0) if a.shape else a, loop._replace(cache=None))
+        reports.append(decode(small._replace(cache=jax.tree.map(lambda a: resized(a, 1), loop.cache)), smallest))
+    reports.append(_compile("rollout _finish", lambda: compact._finish.lower(
+        loop, out, *prompt_arrays, params=sampling, group_size=group_size), hbm, 0.0)[0])
     return reports
 
 
