@@ -5,7 +5,9 @@ RLVR-like lengths (mean a quarter of the cap, a few rows clipped) most of its de
 rows that are already done. This engine decodes in chunks of `compact_every` steps; between chunks
 the host reads how many rows are still running and, when that count fits a smaller bucket
 (a multiple of ceil(rows / compact_buckets)), gathers the unfinished rows and their KV caches
-into a batch of that size. Finished rows are written to the full-size output first.
+into a batch of that size. Finished rows are written to the full-size output first. When the rows
+are split over devices (mesh data x fsdp), each device's block of rows is compacted within itself,
+so a regroup moves no cache between devices and holds only its own old and new rows.
 
 What it keeps from the static sampler (and why this design, not slot refill; see
 ../shared/notes/continuous_batching.md): every row started at step 0, so all rows still write
@@ -167,6 +169,9 @@ def _regroup(loop: CompactState, out: Output, *, rows: int, slots: int):
     out = _write_out(loop, out)
     if rows < loop.done.shape[0]:
         blocks = row_shards(loop.done.shape[0])
+        if rows % blocks:
+            raise ValueError(f"a regroup to {rows} rows cannot keep the same number in each of the {blocks} blocks of rows "
+                             f"(mesh.data x mesh.fsdp); take the row count from bucket_rows(..., shards={blocks})")
         done = loop.done.reshape(blocks, -1)
         order = jnp.argsort(done, axis=1, stable=True)[:, : rows // blocks]
         # Rows past a block's live count are finished rows already written out: padding from now on.
