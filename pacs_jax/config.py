@@ -98,10 +98,14 @@ class RolloutConfig:
 
 # reward.verifier names -> "module:function". "math": the last \boxed{} only (ours);
 # "math_authors": an answer anywhere in the response, the PACS authors' reward, which the
-# paper's numbers were trained with. See pacs_jax/rewards/math.py.
+# paper's numbers were trained with. See pacs_jax/rewards/math.py. "number" / "number_authors":
+# the same extraction, but only an integer literal equal to the truth counts: for the synthetic
+# arithmetic tasks, whose problem is an expression that math-verify would accept as the answer.
 NAMED_VERIFIERS = {
     "math": "pacs_jax.rewards.math:score",
     "math_authors": "pacs_jax.rewards.math:score_authors",
+    "number": "pacs_jax.rewards.synthetic:number_score",
+    "number_authors": "pacs_jax.rewards.synthetic:number_score_authors",
 }
 
 

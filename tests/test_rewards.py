@@ -13,7 +13,7 @@ from math_verify.metric import math_metric
 
 from pacs_jax.rewards.math import has_boxed, last_boxed, score, score_authors
 from pacs_jax.rewards.pool import VerifierError, VerifierPool, resolve_verifier
-from pacs_jax.rewards.synthetic import arithmetic, countdown, countdown_score, generate
+from pacs_jax.rewards.synthetic import arithmetic, countdown, countdown_score, generate, number_score, number_score_authors
 
 DATA = Path(__file__).parent / "data"
 
@@ -351,8 +351,53 @@ def test_config_names_the_verifiers():
 
     arch = "model.arch={hidden_size: 8}"
     assert load_config(overrides=[arch, "reward.verifier=math_authors"]).reward.verifier == "math_authors"
-    with pytest.raises(ConfigError, match=r"reward.verifier must be one of \['math', 'math_authors'\]"):
+    with pytest.raises(ConfigError, match=r"reward.verifier must be one of \['math', 'math_authors', 'number', 'number_authors'\]"):
         load_config(overrides=[arch, "reward.verifier=math_author"])
+
+
+# (response, number, number_authors) against the truth 135. The first two rows are the policy's
+# exploit that math-verify accepts: the problem "73+62" is an expression equal to the answer.
+NUMBER_CASES = [
+    ("\\boxed{73+62}", 0.0, 0.0),
+    ("73 + 62 = \\box{}", 0.0, 0.0),
+    ("The answer is 73+62", 0.0, 0.0),
+    ("\\boxed{135}", 1.0, 1.0),
+    ("so \\boxed{ $135$. }", 1.0, 1.0),
+    ("\\boxed{0135}", 1.0, 1.0),
+    ("73 + 62 = 135.", 0.0, 1.0),  # no box: only the authors' fallback reads the last number
+    ("73 + 62 = 135 apples", 0.0, 1.0),
+    ("135 is wrong, it is 136", 0.0, 0.0),
+    ("\\boxed{136} but 135", 0.0, 0.0),  # a box wins over later numbers, as the authors' order
+    ("x135", 0.0, 0.0),
+    ("135.5", 0.0, 0.0),
+    ("\\boxed{1,35}", 0.0, 0.0),
+    ("", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("response, boxed_only, authors", NUMBER_CASES)
+def test_number_verifiers_want_an_integer_literal(response, boxed_only, authors):
+    assert number_score(response, "135") == boxed_only
+    assert number_score_authors(response, "135") == authors
+
+
+def test_math_verify_accepts_the_problem_as_its_own_answer():
+    # Why the arithmetic tasks need the number verifiers: math-verify evaluates expressions.
+    assert score("\\boxed{73+62}", "135") == 1.0
+    assert score_authors("73 + 62 = \\box{}", "135") == 1.0
+
+
+def test_number_verifiers_agree_with_math_on_literal_answers():
+    rows = arithmetic(200, difficulty=2, seed=3)
+    for row in rows:
+        for response in (f"\\boxed{{{row['answer']}}}", f"\\boxed{{{int(row['answer']) + 1}}}"):
+            assert number_score(response, row["answer"]) == score(response, row["answer"])
+
+
+def test_pool_runs_the_number_verifier_by_name():
+    with VerifierPool("number_authors", workers=1, timeout_s=5.0, deadline_s=60.0) as pool:
+        scores, _ = pool.score_batch([r for r, _, _ in NUMBER_CASES], ["135"] * len(NUMBER_CASES))
+    assert scores == [a for _, _, a in NUMBER_CASES]
 
 
 @pytest.mark.parametrize("spec", ["nonexistent_module_xyz:f", "pacs_jax.rewards.math:nope", "math_score"])

@@ -12,6 +12,13 @@ are kept a few characters long so that a tiny character-level model learns them 
 - countdown: "Make 17 with 3 5 2" -> any expression such as 3*5+2 that uses each given
   number at most once and equals the target; its ground truth "3 5 2 -> 17" is checked by
   `countdown_score` ("pacs_jax.rewards.synthetic:countdown_score" in the pool).
+
+Arithmetic and carryfree answers are integers, and their problem IS an expression equal to the
+answer: math-verify evaluates expressions, so "\\boxed{73+62}" (or, for the authors' extraction,
+"73 + 62 = ..." with nothing after it) scores 1 against 135 under `math` / `math_authors`, and a
+policy learns to copy the problem (SmolLM2 did, within 15 PACS steps). `number_score` /
+`number_score_authors` (reward.verifier `number` / `number_authors`) accept only an integer
+literal equal to the truth.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from fractions import Fraction
 from pacs_jax.rewards.math import last_boxed
 
 TASKS = ("arithmetic", "carryfree", "countdown")
+_INTEGER_LITERAL = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+|[+-]?\d+")
+# A number not glued to a word, a decimal point or another digit ("x2", "1.5" and "2^10" are not
+# integer answers; "= 135." is).
+_LAST_NUMBER = re.compile(r"(?<![\w.^])(?:[+-]?\d{1,3}(?:,\d{3})+|[+-]?\d+)(?![\w^]|\.\d)")
 MAX_EXPRESSION_CHARS = 200
 
 
@@ -230,3 +241,38 @@ def countdown_score(response: str, ground_truth: str) -> float:
             return 0.0
         available.remove(literal)
     return 1.0 if value == target else 0.0
+
+
+def _integer_answer(text: str) -> int | None:
+    """`text` as an integer literal ("135", "-7", "1,000", " 135. ", "$135$"), else None."""
+    text = re.sub(r"^[\s$]+|[\s$.]+$", "", text)
+    if not _INTEGER_LITERAL.fullmatch(text):
+        return None
+    return int(text.replace(",", ""))
+
+
+def _integer_truth(ground_truth: str) -> int | None:
+    try:
+        return int(str(ground_truth).strip().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def number_score(response: str, ground_truth: str) -> float:
+    """1.0 when the last \\boxed{} holds the integer `ground_truth` as a literal (an expression
+    equal to it, such as the problem itself, scores 0)."""
+    truth, content = _integer_truth(ground_truth), last_boxed(response)
+    if truth is None or content is None:
+        return 0.0
+    return 1.0 if _integer_answer(content) == truth else 0.0
+
+
+def number_score_authors(response: str, ground_truth: str) -> float:
+    """As `number_score`, with the PACS authors' fallback when there is no \\boxed{}: the last
+    number written in the response ("73 + 62 = 135." scores 1; "73 + 62 =" reads 62, not 135)."""
+    if last_boxed(response) is not None:
+        return number_score(response, ground_truth)
+    truth, numbers = _integer_truth(ground_truth), _LAST_NUMBER.findall(response)
+    if truth is None or not numbers:
+        return 0.0
+    return 1.0 if _integer_answer(numbers[-1]) == truth else 0.0
