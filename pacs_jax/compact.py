@@ -5,7 +5,8 @@ RLVR-like lengths (mean a quarter of the cap, a few rows clipped) most of its de
 rows that are already done. This engine decodes in chunks of `compact_every` steps; between chunks
 the host reads how many rows are still running and, when that count fits a smaller bucket
 (a multiple of ceil(rows / compact_buckets)), gathers the unfinished rows and their KV caches
-into a batch of that size. Finished rows are written to the full-size output first. When the rows
+into a batch of that size, if that keeps at most `compact_max_keep` of the running rows (a
+regroup holds the old and the new cache at once: this caps its peak). Finished rows are written to the full-size output first. When the rows
 are split over devices (mesh data x fsdp), each device's block of rows is compacted within itself,
 so a regroup moves no cache between devices and holds only its own old and new rows.
 
@@ -66,6 +67,30 @@ def bucket_rows(live: int, total: int, buckets: int, shards: int = 1) -> int:
     quantum = -(-total // buckets)
     quantum = -(-quantum // shards) * shards
     return min(total, -(-live // quantum) * quantum)
+
+
+def kept_rows_limit(rows: int, max_keep: float) -> int:
+    """The most rows a regroup from `rows` running rows may keep: `max_keep` of them (the 1e-9
+    absorbs float rounding, e.g. 0.29 * 100 = 28.999999999999996)."""
+    return int(rows * max_keep + 1e-9)
+
+
+def regroup_rows(live: int, rows: int, total: int, params: SamplingParams, shards: int = 1) -> int:
+    """The running batch's next row count, now `rows` of `total` with `live` unfinished (as
+    _rows_needed counts them): their bucket (bucket_rows) if it keeps at most compact_max_keep of
+    the running rows, else `rows` (keep decoding at this size). A regroup holds the old batch's
+    cache and the new one's at once, so this caps its peak at (1 + compact_max_keep) x the running
+    cache."""
+    target = bucket_rows(live, total, params.compact_buckets, shards)
+    return target if target <= kept_rows_limit(rows, params.compact_max_keep) else rows
+
+
+def largest_regroup(total: int, params: SamplingParams, shards: int = 1) -> int:
+    """The most rows any regroup keeps (the first one, from all `total` rows: a later one starts
+    from fewer), or `total` when no regroup is allowed (compact_buckets = 1, or compact_max_keep
+    below the smallest bucket): the compile check's worst case."""
+    kept = [regroup_rows(live, total, total, params, shards) for live in range(1, total)]
+    return max((rows for rows in kept if rows < total), default=total)
 
 
 def row_shards(rows: int) -> int:
@@ -211,7 +236,7 @@ def generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params: Samp
     for end in params.segment_ends():
         visible = prompt_len + end
         while step < end and live:
-            target = bucket_rows(live, total, params.compact_buckets, shards)
+            target = regroup_rows(live, rows, total, params, shards)
             grow = visible if unrolled and loop.cache.slots < visible else 0
             if target < rows or grow:
                 loop, out = _regroup(loop, out, rows=target, slots=grow)

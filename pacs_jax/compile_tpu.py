@@ -517,6 +517,7 @@ def compile_for_topology(
         "response_tokens": response_len, "mini_batches": t.mini_batches, "micro_batches": t.micro_batches,
         "old_logprob_chunks": prepare_chunks, "algorithm": a.name, "rollout_engine": sampling.engine,
         "compact_every": sampling.compact_every, "compact_buckets": sampling.compact_buckets,
+        "compact_max_keep": sampling.compact_max_keep,
         "decode_segments": sampling.decode_segments,
     }
     if packed:
@@ -538,9 +539,10 @@ def _compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampli
                              topology: TpuTopology, weights: int) -> list[ProgramReport]:
     """The compacting engine's programs (pacs_jax/compact.py), lowered with the shardings `_start`
     hands on (as at run time): `_start`; `_decode` at the full batch and at the smallest bucket, in
-    the last segment (the widest attention window); `_regroup` from the full batch to the next
-    bucket down (its worst case: both batches' caches, the old one an argument, the new one an
-    output) and to the smallest bucket; `_finish`. The smallest bucket's decode gets its rows split
+    the last segment (the widest attention window); `_regroup` from the full batch to the largest
+    bucket rollout.compact_max_keep allows (its worst case: both batches' caches, the old one an
+    argument, the new one an output; a later regroup starts from fewer rows) and to the smallest
+    bucket; `_finish`. The smallest bucket's decode gets its rows split
     as `_start` splits the full batch's (what a regroup should hand on; each regroup's own output
     layout shows in its output bytes). Decode's model FLOPs are per chunk of compact_every steps."""
     import jax
@@ -551,8 +553,9 @@ def _compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampli
     chips, hbm = topology.chips, topology.hbm_bytes
     prompts, prompt_len = prompt_arrays[0].shape
     total = prompts * group_size
-    smallest = compact.bucket_rows(1, total, sampling.compact_buckets)  # every bucket is a multiple of it
-    below_full = compact.bucket_rows(total - smallest, total, sampling.compact_buckets)
+    shards = compact.row_shards(total)  # under the mesh, as at run time
+    smallest = compact.bucket_rows(1, total, sampling.compact_buckets, shards)  # every bucket is a multiple of it
+    largest = compact.largest_regroup(total, sampling, shards)  # = total when no regroup is allowed
     end = jax.ShapeDtypeStruct((), jnp.int32, sharding=key.sharding)  # the decode step a chunk stops at
     visible = prompt_len + sampling.max_new_tokens  # the last segment's window
 
@@ -581,8 +584,8 @@ def _compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampli
         return jax.ShapeDtypeStruct(shape, a.dtype, sharding=a.sharding)
 
     reports.append(decode(loop, total))
-    if 0 < below_full < total:
-        reports += [regroup(below_full), regroup(smallest)]
+    if largest < total:
+        reports += [regroup(largest)] + ([regroup(smallest)] if smallest < largest else [])
         # Rows lead every array but the cache, [layers, rows, ...]; the step is a scalar.
         small = jax.tree.map(lambda a: resized(a, 0) if a.shape else a, loop._replace(cache=None))
         reports.append(decode(small._replace(cache=jax.tree.map(lambda a: resized(a, 1), loop.cache)), smallest))
@@ -623,7 +626,8 @@ def format_report(report: CompileReport) -> str:
     ]
     if any(p.name.startswith("rollout") for p in report.programs):
         lines.append(f"rollout engine: {m['rollout_engine']}" + (
-            f" (every {m['compact_every']} steps, {m['compact_buckets']} buckets; decode shown in the last of "
+            f" (every {m['compact_every']} steps, {m['compact_buckets']} buckets, a regroup keeps at most "
+            f"{m['compact_max_keep']:g} of the running rows; decode shown in the last of "
             f"{m['decode_segments']} segments, model TFLOP per {m['compact_every']}-step chunk)"
             if m["rollout_engine"] == "compact" else ""))
     pack = m.get("packing")
@@ -664,9 +668,10 @@ def format_report(report: CompileReport) -> str:
 _ADVICE = {
     "rollout": "the KV cache grows with trainer.prompts_per_step x rollout.group_size x (prompt + "
                "rollout.max_new_tokens) and is split over mesh.data x mesh.fsdp: use a larger topology, fewer "
-               "prompts per step, or shorter responses; with rollout.engine=compact, rollout.engine=static (a "
-               "regroup holds two batches' caches at once, and today XLA gathers the regrouped rows whole onto "
-               "every chip)",
+               "prompts per step, or shorter responses; with rollout.engine=compact, a smaller "
+               "rollout.compact_max_keep (a regroup holds the running batch's cache and the new one's at once, "
+               "each chip its own share of the rows: at most 1 + compact_max_keep times the running cache) or "
+               "rollout.engine=static",
     "old_logprobs": "more trainer.micro_batches (smaller forward chunks) or model.remat=full",
     "update": "more trainer.micro_batches (fewer responses per gradient micro-batch), model.remat=full, "
               "more mesh.fsdp (shards weights and optimizer state) or a larger topology",

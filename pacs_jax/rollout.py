@@ -56,6 +56,10 @@ class SamplingParams:
     engine: str = "static"
     compact_every: int = 32
     compact_buckets: int = 16
+    # A regroup happens only when the new batch keeps at most this fraction of the running rows
+    # (a regroup holds both caches: its peak is at most (1 + this) x the running cache); 1.0 =
+    # whenever the rows fit a smaller bucket. Default: RolloutConfig.compact_max_keep's.
+    compact_max_keep: float = 0.4
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -78,6 +82,8 @@ class SamplingParams:
             raise ValueError(f"rollout.compact_every must be >= 1, got {self.compact_every}")
         if self.compact_buckets < 1:
             raise ValueError(f"rollout.compact_buckets must be >= 1, got {self.compact_buckets}")
+        if not 0 < self.compact_max_keep <= 1:
+            raise ValueError(f"rollout.compact_max_keep must be in (0, 1], got {self.compact_max_keep}")
 
     def unrolls_layers(self, platform: str) -> bool:
         """Whether decode runs the layers unrolled on `platform` ("cpu", "tpu", "gpu")."""

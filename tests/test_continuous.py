@@ -41,7 +41,21 @@ def regroups(monkeypatch):
 
 def compacting(**kwargs) -> dict:
     """Settings under which the running batch shrinks as soon as one row finishes."""
-    return dict(engine="compact", compact_every=2, compact_buckets=1024, **kwargs)
+    return dict(engine="compact", compact_every=2, compact_buckets=1024, compact_max_keep=1.0, **kwargs)
+
+
+@pytest.fixture
+def decode_rows(monkeypatch):
+    """The running batch's row count at each decode call, in order."""
+    seen = []
+    original = compact._decode
+
+    def spy(graphdef, state, layers, loop, *args, **kwargs):
+        seen.append(loop.done.shape[0])
+        return original(graphdef, state, layers, loop, *args, **kwargs)
+
+    monkeypatch.setattr(compact, "_decode", spy)
+    return seen
 
 
 @pytest.mark.parametrize("kind,layers", [("llama", "scan"), ("qwen2", "unrolled")])
@@ -218,6 +232,45 @@ def test_regroup_holds_the_two_caches_and_at_most_one_layer_more(layered, device
     assert memory["peak"] <= (rows + keep) // devices * (row_bytes + small_row_bytes) + one_layer, memory
 
 
+@pytest.mark.parametrize("max_keep", [1.0, 0.5, 0.3])
+def test_regroups_keep_at_most_max_keep_of_the_running_rows(max_keep, decode_rows):
+    """rollout.compact_max_keep: with forced stops (rows leave at known steps), the row count of
+    every decode call (one per step) is the closed form: at step s the live rows are those whose
+    stop is at step >= s, their bucket is the next multiple of 32 / 16 = 2, and the batch moves
+    to it only when it keeps at most max_keep x the running rows. Tokens are the static loop's."""
+    model = tiny_llama(seed=2)
+    ids, mask = pad_prompts([[4 + i, 5, 6] for i in range(8)], [4], 0)
+    total, new_tokens = 32, 16
+    stop_at = np.random.default_rng(0).permutation(np.arange(total) // 2)  # 2 rows stop at each step 0..15
+    params = dict(temperature=1.0, stop_ids=(3, 4, 5), decode_layers="scan")
+    static = generate(model, ids, mask, jax.random.key(1), SamplingParams(new_tokens, **params), group_size=4, stop_at=stop_at)
+    ours = generate(model, ids, mask, jax.random.key(1), SamplingParams(
+        new_tokens, **params, engine="compact", compact_every=1, compact_buckets=16, compact_max_keep=max_keep),
+        group_size=4, stop_at=stop_at)
+    expected, rows = [], total
+    for step in range(new_tokens):
+        live = int(np.sum(stop_at >= step))
+        bucket = -(-live // 2) * 2
+        if bucket <= max_keep * rows:
+            rows = bucket
+        expected.append(rows)
+    assert decode_rows == expected
+    assert all(new == old or new <= max_keep * old for old, new in zip(decode_rows, decode_rows[1:]))
+    assert len(set(decode_rows)) > 2, decode_rows  # it did compact, more than once
+    for field in ("response_ids", "response_mask", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(static, field)), err_msg=field)
+    np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(static.logprobs), atol=1e-5)
+
+
+def test_largest_regroup_is_the_largest_bucket_max_keep_allows():
+    """The compile check's worst regroup, from all rows: the largest multiple of the bucket
+    quantum that is below the row count and at most max_keep of it (none below the quantum)."""
+    for max_keep, largest in ((1.0, 7680), (0.5, 4096), (0.45, 3584), (0.4, 3072), (0.0625, 512), (0.06, 8192)):
+        params = SamplingParams(4, compact_buckets=16, compact_max_keep=max_keep)
+        assert compact.largest_regroup(8192, params, shards=64) == largest, max_keep
+    assert compact.largest_regroup(64, SamplingParams(4, compact_buckets=1, compact_max_keep=1.0)) == 64  # never compacts
+
+
 def test_bucket_rows():
     assert [compact.bucket_rows(n, 64, 16) for n in (64, 63, 60, 33, 5, 4, 1)] == [64, 64, 60, 36, 8, 4, 4]
     assert compact.bucket_rows(3, 64, 1) == 64  # one bucket: never compacts
@@ -230,6 +283,8 @@ def test_bucket_rows():
         (dict(engine="paged"), "rollout.engine must be one of"),
         (dict(compact_every=0), "rollout.compact_every must be >= 1"),
         (dict(compact_buckets=0), "rollout.compact_buckets must be >= 1"),
+        (dict(compact_max_keep=0.0), r"rollout.compact_max_keep must be in \(0, 1\]"),
+        (dict(compact_max_keep=1.5), r"rollout.compact_max_keep must be in \(0, 1\]"),
     ],
 )
 def test_bad_engine_params(kwargs, match):
@@ -240,7 +295,10 @@ def test_bad_engine_params(kwargs, match):
 @pytest.mark.parametrize(
     "key,value,match",
     [("engine", "paged", "rollout.engine must be"), ("compact_every", 0, "rollout.compact_every must be >= 1"),
-     ("compact_buckets", -1, "rollout.compact_buckets must be >= 1")],
+     ("compact_buckets", -1, "rollout.compact_buckets must be >= 1"),
+     ("compact_max_keep", 0, r"rollout.compact_max_keep must be in \(0, 1\]"),
+     ("compact_max_keep", 1.01, r"rollout.compact_max_keep must be in \(0, 1\]"),
+     ("compact_max_keep", "half", r"rollout.compact_max_keep must be in \(0, 1\]")],
 )
 def test_bad_engine_config_names_the_field(key, value, match):
     config = Config()
@@ -248,6 +306,10 @@ def test_bad_engine_config_names_the_field(key, value, match):
     with pytest.raises(ConfigError, match=match):
         validate(config)
     assert Config().rollout.engine_options()["engine"] == Config().rollout.engine
+    rollout = Config().rollout
+    rollout.compact_max_keep = 0.25
+    assert SamplingParams(4, **rollout.engine_options()).compact_max_keep == 0.25
+    assert SamplingParams(4).compact_max_keep == Config().rollout.compact_max_keep  # one default
 
 
 @pytest.mark.slow
