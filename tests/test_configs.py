@@ -31,7 +31,7 @@ COMPILE_LINE = re.compile(r"python -m pacs_jax compile --config (\S+) --topology
 
 def test_the_shipped_configs_are_all_here():
     names = {p.name for p in CONFIGS}
-    assert {"debug_cpu.yaml", "smollm2_cpu.yaml"} <= names
+    assert {"debug_cpu.yaml", "smollm2_cpu.yaml", "smollm2_learn.yaml"} <= names
     # The paper's grid: PACS (beta 1 and 2), GRPO and PPO on Qwen2.5-3B and 7B.
     assert {p.name for p in PAPER} == {f"qwen2.5_{size}_{algo}.yaml" for size in ("3b", "7b")
                                        for algo in ("pacs", "pacs_beta2", "grpo", "ppo")}
@@ -83,15 +83,30 @@ def test_paper_config_splits_over_the_slice_its_header_names(path):
     assert math.prod(mesh.shape.values()) == topology.chips
 
 
-@pytest.mark.parametrize("name", ["debug_cpu.yaml", "smollm2_cpu.yaml"])
+@pytest.mark.parametrize("name", ["debug_cpu.yaml", "smollm2_cpu.yaml", "smollm2_learn.yaml"])
 def test_cpu_config_splits_over_one_device_and_over_eight(name, request):
     config = load_config(REPO / "configs" / name)
     if config.model.path:  # SmolLM2's own config.json (downloaded once and cached)
         folder = request.getfixturevalue("smollm2_path")
         config = load_config(REPO / "configs" / name, [f"model.path={folder}"])
     decoder_config, _ = compile_tpu.decoder_config_for(config)
-    for devices in (jax.devices()[:1], jax.devices()):
+    # smollm2_learn's 4 prompts per step are for one CPU process (2 cores), not 8 devices.
+    for devices in (jax.devices()[:1],) if name == "smollm2_learn.yaml" else (jax.devices()[:1], jax.devices()):
         _mesh_check(config, decoder_config, devices)
+
+
+def test_smollm2_learn_prompts_fit_and_read_as_a_question(smollm2_path):
+    from pacs_jax import data
+    from pacs_jax.models.tokenizer import load_tokenizer
+
+    config = load_config(REPO / "configs" / "smollm2_learn.yaml", [f"model.path={smollm2_path}"])
+    tokenizer = load_tokenizer(str(smollm2_path), config.model.chat_template)
+    rows = data.load_rows(config.data.train, config.data)
+    examples, dropped = data.build_examples(rows, tokenizer, config.data)
+    assert dropped == 0 and len(examples) == config.data.synthetic_size
+    first = examples[0]
+    assert f"<|im_start|>user\nWhat is {first.problem}? Put your final answer within \\boxed{{}}.<|im_end|>" in first.prompt_text
+    assert first.prompt_text.endswith("<|im_start|>assistant")
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
