@@ -84,8 +84,8 @@ class RolloutConfig:
     # "compact": every compact_every steps the unfinished rows are gathered into a smaller batch
     # (a multiple of ceil(rows / compact_buckets) rows), so decode cost follows the tokens actually
     # generated (pacs_jax/compact.py; bench/rollout_lengths.py). Both sample the same tokens for a key.
-    # "auto": compact on CPU (measured faster), static on TPU / GPU (compact's memory there is not
-    # yet checked by the compile command).
+    # "auto": compact on CPU (measured faster), static on TPU / GPU (`compile` checks compact's
+    # memory there, but no run there has measured its speed yet).
     engine: Literal["auto", "static", "compact"] = "auto"
     compact_every: int = 32
     compact_buckets: int = 16
@@ -94,9 +94,10 @@ class RolloutConfig:
     # old and the new KV cache at once, so its peak is at most (1 + this) x the running cache
     # (1.0 = compact whenever the rows fit a smaller bucket: up to 1.94x with 16 buckets).
     # 0.4 (6 of 16 buckets from the full batch): the paper 7B config on v5p-64 has 63.65 GiB of
-    # cache per chip of 95 GiB, so a first regroup may keep at most ~45% of the rows; 7/16 would
-    # peak at ~93 GiB (too tight), 6/16 at ~89 GiB. Simulated on rlvr lengths (8192 rows x 4096,
-    # bench/RESULTS.md): 2.63x fewer row-steps than the static loop, against 3.77x at 1.0.
+    # cache per chip of 95 GiB; compiled (README, Cloud TPU), its worst regroup peaks at 89.06 GiB
+    # at 0.4, 93.09 GiB (98%, too tight) at 0.45, and does not fit at 0.5 or 1.0. Simulated on
+    # rlvr lengths (8192 rows x 4096, bench/RESULTS.md): 2.63x fewer decode row-steps than the
+    # static loop, against 3.76x at 1.0.
     compact_max_keep: float = 0.4
 
     def engine_options(self) -> dict:
