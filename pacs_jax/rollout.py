@@ -26,7 +26,8 @@ DECODE_LAYERS = ("auto", "scan", "unrolled")
 # "static": one batch of every row until the last one stops (this module). "compact": the unfinished
 # rows are gathered into a smaller batch every few steps, so decode cost follows the tokens
 # actually generated (pacs_jax.compact). "auto": compact on CPU, where bench/rollout_lengths.py
-# measured it; static elsewhere until the TPU compile check covers compact's memory.
+# measured it; static elsewhere until a run on a TPU or GPU measures compact's speed there (its memory
+# is checked by the compile command: rollout.compact_max_keep).
 ENGINES = ("auto", "static", "compact")
 
 
