@@ -10,7 +10,7 @@
 # Extra arguments go to every part (python -m bench.device_check --help). A failing part is
 # reported and the others still run; the exit status is non-zero if any failed.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY="${PYTHON:-python}"
 OUT_DIR="${OUT:-bench/out/device_check}"
 mkdir -p "$OUT_DIR"
