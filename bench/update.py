@@ -40,6 +40,20 @@ from pacs_jax.models import from_pretrained
 from pacs_jax.update import ROLLOUT_KEYS, init_train_state, make_prepare_fn, make_train_optimizer, make_update_fn
 
 
+def time_update(update, state, batch, repeats: int):
+    """Compile `update` ahead of time (it lands in jit's cache), then time its first call and
+    `repeats` steady calls: (state, metrics, compile_s, first_s, steady_s list)."""
+    start = time.perf_counter()
+    update.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    (state, metrics), first_s = timed(lambda: update(state, batch))
+    steady = []
+    for _ in range(repeats):
+        (state, metrics), seconds = timed(lambda: update(state, batch))
+        steady.append(seconds)
+    return state, metrics, compile_s, first_s, steady
+
+
 def synthetic_rollout(vocab_size: int, rows: int, prompt_len: int, response_len: int, group_size: int, seed: int = 0) -> dict:
     """Random tokens, every position real; binary rewards that differ inside each group (so the
     PACS loss has non-zero advantages and a real gradient)."""
@@ -77,14 +91,7 @@ def bench_variant(name: str, folder: Path, dtype: str, remat: str, args, peaks: 
         old, prepare_first_s = timed(lambda: prepare(state.params, None, {k: rollout[k] for k in ROLLOUT_KEYS}))
         _, prepare_s = timed(lambda: prepare(state.params, None, {k: rollout[k] for k in ROLLOUT_KEYS}))
         batch = {**rollout, **old}
-        start = time.perf_counter()
-        update.lower(state, batch).compile()  # ahead of time: lands in jit's cache
-        compile_s = time.perf_counter() - start
-        (state, metrics), first_s = timed(lambda: update(state, batch))
-        steady = []
-        for _ in range(args.repeats):
-            (state, metrics), seconds = timed(lambda: update(state, batch))
-            steady.append(seconds)
+        state, metrics, compile_s, first_s, steady = time_update(update, state, batch, args.repeats)
     loss = float(metrics["loss"])
     if not np.isfinite(loss) or float(metrics["skipped_steps"]) != 0:
         raise RuntimeError(f"{label}: the update did not take a finite step (loss {loss}, metrics {metrics})")
@@ -144,14 +151,7 @@ def bench_packing(name: str, folder: Path, args) -> list[dict]:
             old, prepare_first_s = timed(lambda: prepare(state.params, None, forward))
             prepare_s = min(timed(lambda: prepare(state.params, None, forward))[1] for _ in range(args.repeats))
             full = {**batch, **old}
-            start = time.perf_counter()
-            update.lower(state, full).compile()
-            compile_s = time.perf_counter() - start
-            (state, metrics), first_s = timed(lambda: update(state, full))
-            steady = []
-            for _ in range(args.repeats):
-                (state, metrics), seconds = timed(lambda: update(state, full))
-                steady.append(seconds)
+            state, metrics, compile_s, first_s, steady = time_update(update, state, full, args.repeats)
         positions = int(np.prod(batch["packed_ids"].shape)) if layout == "packed" else args.rows * (args.prompt_len + args.response_len)
         row = {
             "model": name, "layout": layout, "lengths": "rlvr", "rows": args.rows, "prompt_len": args.prompt_len,
