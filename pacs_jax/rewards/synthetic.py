@@ -251,28 +251,25 @@ def _integer_answer(text: str) -> int | None:
     return int(text.replace(",", ""))
 
 
-def _integer_truth(ground_truth: str) -> int | None:
-    try:
-        return int(str(ground_truth).strip().replace(",", ""))
-    except ValueError:
-        return None
+def _literal_matches(answer: str | None, ground_truth: str) -> float:
+    """1.0 when `answer` is an integer literal equal to the integer `ground_truth`."""
+    truth = _integer_answer(str(ground_truth))
+    if truth is None or answer is None:
+        return 0.0
+    return 1.0 if _integer_answer(answer) == truth else 0.0
 
 
 def number_score(response: str, ground_truth: str) -> float:
     """1.0 when the last \\boxed{} holds the integer `ground_truth` as a literal (an expression
     equal to it, such as the problem itself, scores 0)."""
-    truth, content = _integer_truth(ground_truth), last_boxed(response)
-    if truth is None or content is None:
-        return 0.0
-    return 1.0 if _integer_answer(content) == truth else 0.0
+    return _literal_matches(last_boxed(response), ground_truth)
 
 
 def number_score_authors(response: str, ground_truth: str) -> float:
     """As `number_score`, with the PACS authors' fallback when there is no \\boxed{}: the last
     number written in the response ("73 + 62 = 135." scores 1; "73 + 62 =" reads 62, not 135)."""
-    if last_boxed(response) is not None:
-        return number_score(response, ground_truth)
-    truth, numbers = _integer_truth(ground_truth), _LAST_NUMBER.findall(response)
-    if truth is None or not numbers:
-        return 0.0
-    return 1.0 if _integer_answer(numbers[-1]) == truth else 0.0
+    answer = last_boxed(response)
+    if answer is None:
+        numbers = _LAST_NUMBER.findall(response)
+        answer = numbers[-1] if numbers else None
+    return _literal_matches(answer, ground_truth)
