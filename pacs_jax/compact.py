@@ -7,8 +7,9 @@ the host reads how many rows are still running and, when that count fits a small
 (a multiple of ceil(rows / compact_buckets)), gathers the unfinished rows and their KV caches
 into a batch of that size, if that keeps at most `compact_max_keep` of the running rows (a
 regroup holds the old and the new cache at once: this caps its peak). Finished rows are written
-to the full-size output first. When the rows are split over devices (mesh data x fsdp), each device's block of rows is compacted within itself,
-so a regroup moves no cache between devices and holds only its own old and new rows.
+to the full-size output first. When the rows are split over devices (mesh data x fsdp), each
+device's block of rows is compacted within itself, so a regroup moves no cache between devices
+and holds only its own old and new rows.
 
 What it keeps from the static sampler (and why this design, not slot refill; see
 ../shared/notes/continuous_batching.md): every row started at step 0, so all rows still write
