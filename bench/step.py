@@ -56,6 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new", type=int, default=64)
     parser.add_argument("--mini-batches", type=int, default=1)
     parser.add_argument("--decode-layers", default="auto", choices=["auto", "scan", "unrolled"])
+    parser.add_argument("--decode-segments", type=int, default=SamplingParams.decode_segments)
     parser.add_argument("--steady-from", type=int, default=3)
     parser.add_argument("--out", default=str(OUT_DIR / "step.json"))
     args = parser.parse_args(argv)
@@ -72,7 +73,8 @@ def main(argv=None) -> dict:
     mesh = sharding.make_mesh(MeshConfig())
     graphdefs, state = init_train_state(init_decoder(config, seed=0), optimizer, with_critic=False)
     state = jax.device_put(state, sharding.train_state_shardings(state, mesh))
-    sampling = SamplingParams(args.max_new, temperature=1.0, top_p=1.0, stop_ids=(), pad_id=0, decode_layers=args.decode_layers)
+    sampling = SamplingParams(args.max_new, temperature=1.0, top_p=1.0, stop_ids=(), pad_id=0, decode_layers=args.decode_layers,
+                              decode_segments=args.decode_segments)
     micro = 1
     prepare = make_prepare_fn(graphdefs, algorithm, chunks=args.mini_batches * micro, on_policy_chunks=micro)
     update = make_update_fn(graphdefs, optimizer, algorithm, group_size=args.group_size,
@@ -116,6 +118,7 @@ def main(argv=None) -> dict:
         "workload": "../shared/bench/tunix_grpo_bench.py defaults",
         "params": int(sum(x.size for x in jax.tree.leaves(state.params["policy"]))),
         "devices": len(jax.devices()), "mini_batches": args.mini_batches, "decode_layers": args.decode_layers,
+        "decode_segments": args.decode_segments,
         "first_step_s": records[0]["step"], "second_step_s": records[1]["step"] if len(records) > 1 else None,
         **summary, "reward_mean_per_step": rewards_seen, "params_changed": bool(np.any(before != after)),
         "per_step": records,

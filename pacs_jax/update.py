@@ -313,7 +313,7 @@ def make_update_fn(
                 return jax.tree.map(jnp.add, grads, micro_grads), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, metrics = jax.lax.scan(accumulate, zeros, mini_batch)
+            grads, metrics = jax.lax.scan(accumulate, zeros, mini_batch, unroll=micro_batches == 1)
             grads = jax.tree.map(lambda g: g / micro_batches, grads)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(grad_norm)
@@ -328,7 +328,9 @@ def make_update_fn(
             metrics["skipped_steps"] = (~finite).astype(jnp.float32)
             return state, metrics
 
-        state, metrics = jax.lax.scan(optimizer_step, state, (batches, on_policy))
+        # A scan of length 1 is inlined (unroll): as a while loop it kept XLA CPU from fusing across
+        # it and copied the carried state, 0.84 -> 0.72 s per update on bench.step's workload.
+        state, metrics = jax.lax.scan(optimizer_step, state, (batches, on_policy), unroll=mini_batches == 1)
         skipped = metrics.pop("skipped_steps").sum()
         grad_norms = metrics.pop("grad_norm")
         metrics = _reduce_metrics(metrics)

@@ -87,7 +87,7 @@ def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
     free_run = hf_greedy(None)
     stops = tuple(sorted({int(free_run[1, 2]), int(free_run[3, 6])}))
     expected = hf_greedy(list(stops))
-    params = SamplingParams(12, temperature=0.0, stop_ids=stops, decode_layers=layers, prefill_chunk=4, decode_segments=3, **compacting())
+    params = SamplingParams(12, temperature=0.0, stop_ids=stops, decode_layers=layers, prefill_chunk=4, decode_segments=3, min_segment_steps=1, **compacting())
     out = generate(model, ids, mask, jax.random.key(0), params)
     response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
     for row in range(len(prompts)):
@@ -109,7 +109,7 @@ def test_samples_what_the_static_sampler_samples(layers, regroups):
     stay contiguous."""
     model = tiny_llama(seed=3)
     ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13]], [12], 0)
-    sampling = dict(temperature=0.8, top_k=30, top_p=0.9, stop_ids=tuple(range(3, 15)), decode_layers=layers, decode_segments=3)
+    sampling = dict(temperature=0.8, top_k=30, top_p=0.9, stop_ids=tuple(range(3, 15)), decode_layers=layers, decode_segments=3, min_segment_steps=1)
     static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling), group_size=4)
     ours = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling, **compacting()), group_size=4)
     for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "lengths", "decode_steps"):
@@ -132,7 +132,7 @@ def test_rows_split_over_devices_compact_within_their_blocks(regroups):
 
     model = tiny_llama(seed=3)
     ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13], [20, 21, 22, 23]], [12], 0)
-    sampling = dict(temperature=0.8, top_k=30, stop_ids=tuple(range(3, 15)), decode_layers="scan", decode_segments=2)
+    sampling = dict(temperature=0.8, top_k=30, stop_ids=tuple(range(3, 15)), decode_layers="scan", decode_segments=2, min_segment_steps=1)
     static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling), group_size=4)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     graphdef, state = nnx.split(model)

@@ -282,9 +282,13 @@ def test_bad_group_size_and_overlong_prompt():
 
 
 def test_segment_ends_cover_every_step_once():
-    assert SamplingParams(10, decode_segments=4).segment_ends() == [3, 5, 8, 10]
-    assert SamplingParams(3, decode_segments=8).segment_ends() == [1, 2, 3]
+    assert SamplingParams(10, decode_segments=4, min_segment_steps=1).segment_ends() == [3, 5, 8, 10]
+    assert SamplingParams(3, decode_segments=8, min_segment_steps=1).segment_ends() == [1, 2, 3]
     assert SamplingParams(7, decode_segments=1).segment_ends() == [7]
+    # By default no segment is shorter than 32 steps (each one is compiled on its own).
+    assert SamplingParams(64, decode_segments=4).segment_ends() == [32, 64]
+    assert SamplingParams(12, decode_segments=4).segment_ends() == [12]
+    assert SamplingParams(4096, decode_segments=4).segment_ends() == [1024, 2048, 3072, 4096]
 
 
 def test_decode_layers_auto_unrolls_on_cpu_only():
@@ -302,7 +306,7 @@ def test_decode_segments_layer_loops_and_prefill_chunks_change_nothing_but_the_w
     model = init_decoder(config, seed=3)
     ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13]], [12], 0)
     # Each value of each setting appears (with both loops: chunked and not, several segments).
-    variants = [dict(decode_segments=n, decode_layers=layers, prefill_chunk=chunk)
+    variants = [dict(decode_segments=n, min_segment_steps=1, decode_layers=layers, prefill_chunk=chunk)
                 for n, layers, chunk in [(1, "scan", 0), (3, "scan", 4), (13, "scan", 0), (1, "unrolled", 4), (3, "unrolled", 0), (13, "unrolled", 4)]]
     outs = [generate(model, ids, mask, jax.random.key(0), SamplingParams(13, temperature=0.0, **v), group_size=2) for v in variants]
     for variant, out in zip(variants[1:], outs[1:]):
