@@ -518,7 +518,7 @@ def compile_for_topology(
         "old_logprob_chunks": prepare_chunks, "algorithm": a.name, "rollout_engine": sampling.engine,
         "compact_every": sampling.compact_every, "compact_buckets": sampling.compact_buckets,
         "compact_max_keep": sampling.compact_max_keep,
-        "decode_segments": sampling.decode_segments,
+        "decode_segments": len(sampling.segment_ends()),  # the loops compiled, after min_segment_steps
     }
     if packed:
         model["packing"] = {**dataclasses.asdict(packed), "rows": packed.rows, "assumed_prompt_tokens": min(PACK_PROMPT_TOKENS, prompt_len),
