@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--mini-batches", type=int, default=1)
     parser.add_argument("--decode-layers", default="auto", choices=["auto", "scan", "unrolled"])
     parser.add_argument("--decode-segments", type=int, default=SamplingParams.decode_segments)
+    parser.add_argument("--train-layers", default="auto", choices=["auto", "scan", "unrolled"])
+    parser.add_argument("--no-shared-prompts", dest="shared_prompts", action="store_false",
+                        help="run every response row with its own copy of the prompt (trainer.shared_prompts=false)")
     parser.add_argument("--steady-from", type=int, default=3)
     parser.add_argument("--out", default=str(OUT_DIR / "step.json"))
     args = parser.parse_args(argv)
@@ -65,7 +68,7 @@ def main(argv=None) -> dict:
         model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
         rope_theta=10000.0, rms_norm_eps=1e-6,
-    ))
+    ), train_layers=args.train_layers)
     rng = np.random.RandomState(0)  # the Tunix script's prompts, token for token
     prompts = rng.randint(FIRST_REAL, config.vocab_size, size=(args.steps, args.prompts_per_step, args.prompt_len - 1))
     algorithm = AlgorithmConfig(name="grpo", clip_low=0.2, clip_high=0.2, loss_agg_mode="seq-mean-token-mean", kl_coef=0.0)
@@ -76,9 +79,10 @@ def main(argv=None) -> dict:
     sampling = SamplingParams(args.max_new, temperature=1.0, top_p=1.0, stop_ids=(), pad_id=0, decode_layers=args.decode_layers,
                               decode_segments=args.decode_segments)
     micro = 1
-    prepare = make_prepare_fn(graphdefs, algorithm, chunks=args.mini_batches * micro, on_policy_chunks=micro)
+    prompt_group = args.group_size if args.shared_prompts else 0
+    prepare = make_prepare_fn(graphdefs, algorithm, chunks=args.mini_batches * micro, on_policy_chunks=micro, prompt_group=prompt_group)
     update = make_update_fn(graphdefs, optimizer, algorithm, group_size=args.group_size,
-                            mini_batches=args.mini_batches, micro_batches=micro)
+                            mini_batches=args.mini_batches, micro_batches=micro, shared_prompts=args.shared_prompts)
     base_key = jax.random.key(0)
     records, rewards_seen = [], []
     before = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
@@ -118,7 +122,7 @@ def main(argv=None) -> dict:
         "workload": "../shared/bench/tunix_grpo_bench.py defaults",
         "params": int(sum(x.size for x in jax.tree.leaves(state.params["policy"]))),
         "devices": len(jax.devices()), "mini_batches": args.mini_batches, "decode_layers": args.decode_layers,
-        "decode_segments": args.decode_segments,
+        "decode_segments": args.decode_segments, "train_layers": args.train_layers, "shared_prompts": args.shared_prompts,
         "first_step_s": records[0]["step"], "second_step_s": records[1]["step"] if len(records) > 1 else None,
         **summary, "reward_mean_per_step": rewards_seen, "params_changed": bool(np.any(before != after)),
         "per_step": records,

@@ -297,7 +297,11 @@ def decoder_config_for(config: Config, arch_file: str = ""):
                 f"model.arch needs vocab_size to compile: model.tokenizer={m.tokenizer!r} is not here to read it "
                 f"from; set model.arch.vocab_size (e.g. model.arch.vocab_size=32000) or model.tokenizer=char"
             )
-    return DecoderConfig.from_hf(hf, source=source, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat), hf
+    # train_layers="scan": the programs are for the TPU, though traced here on a CPU host ("auto"
+    # would unroll them, as for a CPU run).
+    config = DecoderConfig.from_hf(hf, source=source, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                                   train_layers="scan")
+    return config, hf
 
 
 def _local_tokenizer(spec: str, chat_template: str):
@@ -482,15 +486,21 @@ def compile_for_topology(
     # micro-batch, and skips the first mini-batch's chunks (the update computes those on-policy).
     prepare_chunks = prepare_chunk_count(config)
     prepare = make_prepare_fn(graphdefs, a, temperature=r.temperature, chunks=prepare_chunks,
-                              on_policy_chunks=t.micro_batches)
+                              on_policy_chunks=t.micro_batches, prompt_group=r.group_size if t.shared_prompts else 0)
     update = make_update_fn(
         graphdefs, optimizer, a, group_size=r.group_size, mini_batches=t.mini_batches,
         micro_batches=t.micro_batches, temperature=r.temperature, state_sharding=state_sharding,
+        shared_prompts=t.shared_prompts,
     )
 
     chips, weights = topology.chips, _matmul_weights(decoder_config)
     networks = 2 if a.name == "ppo" else 1  # PPO's critic is a second decoder
-    forward_tokens = packed.rows * packed.row_tokens if packed else rows * (prompt_len + response_len)
+    if packed:
+        forward_tokens = packed.rows * packed.row_tokens
+    elif t.shared_prompts:
+        forward_tokens = prompts * prompt_len + rows * response_len  # each group's prompt once
+    else:
+        forward_tokens = rows * (prompt_len + response_len)
     policy_forwards = 1 - t.micro_batches / prepare_chunks  # the first mini-batch's chunks are skipped
     backward_factor = 4 if decoder_config.remat != "none" else 3  # forward + backward (2x) + recompute
     reports = []
@@ -519,6 +529,7 @@ def compile_for_topology(
         "compact_every": sampling.compact_every, "compact_buckets": sampling.compact_buckets,
         "compact_max_keep": sampling.compact_max_keep,
         "decode_segments": len(sampling.segment_ends()),  # the loops compiled, after min_segment_steps
+        "shared_prompts": bool(t.shared_prompts and not packed),
     }
     if packed:
         model["packing"] = {**dataclasses.asdict(packed), "rows": packed.rows, "assumed_prompt_tokens": min(PACK_PROMPT_TOKENS, prompt_len),

@@ -217,6 +217,11 @@ class TrainerConfig:
     # Rows per micro-batch follow the real lengths (first-fit-decreasing, eighths of one
     # sequence per row): at most 8 compiled shapes. See pacs_jax/packing.py.
     pack_row_tokens: int = 0
+    # Unpacked update and old-log-prob passes run each group's prompt once, as one row of the prompt
+    # and its group_size responses (pacs_jax/models/shared_prompt.py), instead of once per response:
+    # the same numbers, group_size - 1 fewer copies of every prompt position (bench.step: 29% fewer
+    # positions, the update 1.25x faster). Ignored with pack_row_tokens (packed rows are per sequence).
+    shared_prompts: bool = True
     save_every: int = 50
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step's checkpoint (0 = off)

@@ -182,11 +182,14 @@ def train(config: Config) -> dict:
     # Old log-probs in chunks of one micro-batch: the same peak memory as a gradient step. The
     # first mini-batch's are the update's own forward pass (on-policy by construction), so with
     # one mini-batch (and no critic or reference) this pass computes nothing.
+    # `generate` returns each prompt's group_size responses as consecutive rows: with shared_prompts
+    # the passes run each group's prompt once.
     prepare = make_prepare_fn(graphdefs, algorithm, temperature=r.temperature, chunks=t.mini_batches * t.micro_batches,
-                              on_policy_chunks=t.micro_batches)
+                              on_policy_chunks=t.micro_batches, prompt_group=r.group_size if t.shared_prompts else 0)
     update = make_update_fn(
         graphdefs, optimizer, algorithm, group_size=r.group_size, mini_batches=t.mini_batches,
         micro_batches=t.micro_batches, temperature=r.temperature, state_sharding=state_sharding,
+        shared_prompts=t.shared_prompts,
     )
     pool = VerifierPool.from_config(config.reward)
     step, state_valid = start_step, True

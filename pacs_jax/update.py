@@ -26,6 +26,7 @@ from pacs_jax.algorithms import gae, grpo_loss, outcome_token_rewards, pacs_loss
 from pacs_jax.algorithms.common import masked_mean
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models.llama import Decoder
+from pacs_jax.models.shared_prompt import grouped_response_hidden
 from pacs_jax.packing import PACKED_KEYS
 from pacs_jax.sharding import constrain
 
@@ -52,8 +53,10 @@ def response_logprobs(
     return batch_logprobs(model, batch, temperature, with_entropy)
 
 
-def batch_logprobs(model: Decoder, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
-    """`response_logprobs` of a batch dict: the rollout (ROLLOUT_KEYS), packed or not (PACKED_KEYS)."""
+def batch_logprobs(model: Decoder, batch: dict, temperature: float = 1.0, with_entropy: bool = False, group_size: int = 0):
+    """`response_logprobs` of a batch dict: the rollout (ROLLOUT_KEYS), packed or not (PACKED_KEYS).
+    `group_size` > 1: the rows are groups of that many responses to one prompt, whose prompt is
+    then run once per group (pacs_jax.models.shared_prompt; unpacked batches only)."""
 
     def head(hidden, labels):
         logits = model.logits(hidden)
@@ -65,21 +68,23 @@ def batch_logprobs(model: Decoder, batch: dict, temperature: float = 1.0, with_e
             return (token_logprobs,)
         return token_logprobs, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
 
-    out = per_response_token(model, batch, head)
+    out = per_response_token(model, batch, head, group_size)
     return out if with_entropy else out[0]
 
 
-def per_response_token(model: Decoder, batch: dict, head: Callable) -> tuple:
+def per_response_token(model: Decoder, batch: dict, head: Callable, group_size: int = 0) -> tuple:
     """`head(hidden [B, S, D], labels [B, S])` -> tuple of [B, S] float32, evaluated at the positions
     that predict each response token (labels: that token), each returned as [N, T] (0 on padding).
 
-    Unpacked: the hidden states of prompt + response rows, sliced to the response. Packed
+    Unpacked: the hidden states of prompt + response rows, sliced to the response (with
+    `group_size` > 1, each group's prompt run once: `grouped_response_hidden`). Packed
     (pacs_jax.packing): the head runs over the packed rows, and only its per-position scalars are
     gathered back to [N, T] with the host's `take` indices (never hidden states or logits: rows and
     responses may sit on different chips)."""
     mask = batch["response_mask"]
     if "segment_ids" not in batch:
-        hidden = response_hidden(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
+        rollout = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
+        hidden = grouped_response_hidden(model, *rollout, group_size) if group_size > 1 else response_hidden(model, *rollout)
         return tuple(x * mask for x in head(hidden, batch["response_ids"]))
     ids = batch["packed_ids"]
     hidden = model(ids, positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
@@ -126,14 +131,14 @@ class Critic(nnx.Module):
         self.value_head = nnx.Param(head, logical_axes=("embed",))
         self.value_bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
 
-    def __call__(self, batch: dict) -> jax.Array:
+    def __call__(self, batch: dict, group_size: int = 0) -> jax.Array:
         """Values at the positions that predict each response token, [N, T] (0 on padding);
-        `batch` as for `batch_logprobs` (packed or not)."""
+        `batch` and `group_size` as for `batch_logprobs`."""
 
         def head(hidden, labels):
             return (jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.value_head[...]) + self.value_bias[...],)
 
-        return per_response_token(self.decoder, batch, head)[0]
+        return per_response_token(self.decoder, batch, head, group_size)[0]
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_updates: int) -> optax.Schedule:
@@ -189,13 +194,15 @@ def init_train_state(
 
 
 def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: int, temperature: float, num_tokens=None,
-             on_policy=False):
+             on_policy=False, shared_prompts=False):
     """The algorithm's loss on one micro-batch. `num_tokens` is the divisor of token-mean losses
     (see `aggregate_loss`); None = this batch's own count of real tokens. Where `on_policy` (a
     traced bool) holds, the old log-probs are this forward pass's own (stop-gradient): the ratio is
-    exactly 1 in any dtype, and batch["old_logprobs"] is not read."""
+    exactly 1 in any dtype, and batch["old_logprobs"] is not read. `shared_prompts`: run each
+    group's prompt once (`batch_logprobs`)."""
     policy = nnx.merge(graphdefs["policy"], params["policy"])
-    logprobs, entropy = batch_logprobs(policy, batch, temperature, with_entropy=True)
+    prompt_group = group_size if shared_prompts else 0
+    logprobs, entropy = batch_logprobs(policy, batch, temperature, with_entropy=True, group_size=prompt_group)
     mask = batch["response_mask"]
     batch = {**batch, "old_logprobs": jnp.where(on_policy, jax.lax.stop_gradient(logprobs), batch["old_logprobs"])}
     name = algorithm.name
@@ -221,7 +228,7 @@ def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: i
             algorithm.clip_low, algorithm.clip_high, algorithm.loss_agg_mode, algorithm.clip_ratio_c, **aggregation,
         )
         critic = nnx.merge(graphdefs["critic"], params["critic"])
-        values = critic(batch)
+        values = critic(batch, prompt_group)
         # The critic aggregates like the actor: verl's critic.loss_agg_mode defaults to the actor's
         # (since verl 2025-05-23, which the authors' code needs), and their PPO run sets only the actor's.
         critic_loss, critic_metrics = value_loss(
@@ -262,6 +269,7 @@ def make_update_fn(
     temperature: float = 1.0,
     state_sharding=None,
     first_mini_batch_on_policy: bool = True,
+    shared_prompts: bool = False,
 ) -> Callable:
     """update(state, batch) -> (state, metrics). `batch` holds [N, ...] arrays: the rollout
     (ROLLOUT_KEYS), "rewards" [N], "old_logprobs" [N, T], and per algorithm "ref_logprobs",
@@ -272,7 +280,10 @@ def make_update_fn(
 
     The first mini-batch is on-policy by construction (`first_mini_batch_on_policy`): its old
     log-probs are its own forward pass's, so the old-log-prob pass only serves mini-batches 2..k
-    (`make_prepare_fn(on_policy_chunks=micro_batches)`); False reads batch["old_logprobs"] there too."""
+    (`make_prepare_fn(on_policy_chunks=micro_batches)`); False reads batch["old_logprobs"] there too.
+
+    `shared_prompts`: the rows of each group share one prompt (as `generate` returns them), which
+    the forward pass then runs once per group (pacs_jax.models.shared_prompt; unpacked batches)."""
 
     def split(x):
         # Micro-batch m holds rows m * rows / (mini * micro) ...: groups (and packed rows) stay whole.
@@ -308,7 +319,7 @@ def make_update_fn(
 
             def accumulate(grads, micro_batch):
                 (_, metrics), micro_grads = grad_fn(
-                    graphdefs, state.params, micro_batch, algorithm, group_size, temperature, num_tokens, first
+                    graphdefs, state.params, micro_batch, algorithm, group_size, temperature, num_tokens, first, shared_prompts
                 )
                 return jax.tree.map(jnp.add, grads, micro_grads), metrics
 
@@ -346,14 +357,17 @@ def make_update_fn(
 
 
 def make_prepare_fn(
-    graphdefs, algorithm: AlgorithmConfig, *, temperature: float = 1.0, chunks: int = 1, on_policy_chunks: int = 0
+    graphdefs, algorithm: AlgorithmConfig, *, temperature: float = 1.0, chunks: int = 1, on_policy_chunks: int = 0,
+    prompt_group: int = 0,
 ) -> Callable:
     """prepare(params, ref_params, rollout_arrays) -> dict with "old_logprobs" (and "old_values"
     for PPO, "ref_logprobs" when a KL term asks for it), from the exact training forward pass.
     Dispatched before the host checks rewards, so the two overlap. The rows go through in `chunks`
     (bounding memory; with a packed batch, one per micro-batch of the update: mini x micro). The
     first `on_policy_chunks` chunks' old log-probs are left 0 without a forward pass: they are the
-    first mini-batch's, which the update computes itself (pass the update's micro_batches)."""
+    first mini-batch's, which the update computes itself (pass the update's micro_batches).
+    `prompt_group` > 1: rows come in groups of that many responses to one prompt (chunks hold whole
+    groups), and each group's prompt is run once (`batch_logprobs`)."""
     if not 0 <= on_policy_chunks <= chunks:
         raise ValueError(f"on_policy_chunks={on_policy_chunks} must be in [0, chunks={chunks}]")
 
@@ -364,12 +378,13 @@ def make_prepare_fn(
             index, chunk = inputs
             zeros = jnp.zeros(chunk["response_mask"].shape, jnp.float32)
             # lax.map is a scan, so the cond really skips the forward pass of on-policy chunks.
-            old = jax.lax.cond(index < on_policy_chunks, lambda: zeros, lambda: batch_logprobs(policy, chunk, temperature))
+            logprobs = lambda model: batch_logprobs(model, chunk, temperature, group_size=prompt_group)  # noqa: E731
+            old = jax.lax.cond(index < on_policy_chunks, lambda: zeros, lambda: logprobs(policy))
             out = {"old_logprobs": old}
             if algorithm.name == "ppo":
-                out["old_values"] = nnx.merge(graphdefs["critic"], params["critic"])(chunk)
+                out["old_values"] = nnx.merge(graphdefs["critic"], params["critic"])(chunk, prompt_group)
             if ref_params is not None:
-                out["ref_logprobs"] = batch_logprobs(nnx.merge(graphdefs["policy"], ref_params), chunk, temperature)
+                out["ref_logprobs"] = logprobs(nnx.merge(graphdefs["policy"], ref_params))
             return out
 
         rows = rollout["response_ids"].shape[0]
