@@ -297,10 +297,9 @@ def decoder_config_for(config: Config, arch_file: str = ""):
                 f"model.arch needs vocab_size to compile: model.tokenizer={m.tokenizer!r} is not here to read it "
                 f"from; set model.arch.vocab_size (e.g. model.arch.vocab_size=32000) or model.tokenizer=char"
             )
-    # train_layers="scan": the programs are for the TPU, though traced here on a CPU host ("auto"
-    # would unroll them, as for a CPU run).
+    # The programs are for the TPU, though traced here on a CPU host: "auto" means scan there.
     config = DecoderConfig.from_hf(hf, source=source, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-                                   train_layers="scan")
+                                   train_layers="scan" if m.train_layers == "auto" else m.train_layers)
     return config, hf
 
 

@@ -34,6 +34,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    # How the update and old-log-prob passes run the layers: "scan" (compile time independent of
+    # depth), "unrolled" (a Python loop: bench.step's update 1.1x faster on XLA CPU, compile time
+    # grows with depth), "auto" = unrolled on CPU, scanned on TPU / GPU.
+    train_layers: Literal["auto", "scan", "unrolled"] = "auto"
 
 
 @dataclass

@@ -54,12 +54,13 @@ def load_policy(config: Config, tokenizer: Tokenizer):
     m = config.model
     if m.path:
         read_hf_config(m.path)  # a missing folder or config.json fails here with the path
-        return from_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        return from_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat, train_layers=m.train_layers)
     arch = {"model_type": "llama", "vocab_size": tokenizer.vocab_size, **m.arch}
     if arch["vocab_size"] < tokenizer.vocab_size:
         raise ConfigError(f"model.arch.vocab_size={arch['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}")
     decoder_config = DecoderConfig.from_hf(
-        arch, source="model.arch", param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat
+        arch, source="model.arch", param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+        train_layers=m.train_layers,
     )
     return init_decoder(decoder_config, seed=config.trainer.seed)
 

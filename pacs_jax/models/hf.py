@@ -163,13 +163,15 @@ def from_pretrained(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     remat: str = "none",
+    train_layers: str = "auto",
 ) -> Decoder:
     """Load a Hugging Face folder (config.json + safetensors) as our NNX decoder."""
     resolve_dtype(dtype, "dtype")
     path = Path(path).expanduser()
     hf_config = read_hf_config(path)
     config = DecoderConfig.from_hf(
-        hf_config, source=str(Path(path) / "config.json"), param_dtype=dtype, compute_dtype=compute_dtype or dtype, remat=remat
+        hf_config, source=str(Path(path) / "config.json"), param_dtype=dtype, compute_dtype=compute_dtype or dtype, remat=remat,
+        train_layers=train_layers,
     )
     params = load_hf_params(path, config)
     return build_decoder(config, params)

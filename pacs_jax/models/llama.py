@@ -479,6 +479,8 @@ class Decoder(nnx.Module):
         resolve_dtype(config.compute_dtype, "model.compute_dtype")
         if config.remat not in ("none", "full", "dots"):
             raise ValueError(f"model.remat {config.remat!r} is not one of ['none', 'full', 'dots']")
+        if config.train_layers not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"model.train_layers {config.train_layers!r} is not one of ['auto', 'scan', 'unrolled']")
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), dtype), logical_axes=("vocab", "embed"))
         self.layers = Layers(config, rngs=rngs)
