@@ -3,6 +3,8 @@ runs on Tunix, so the two can be timed side by side in one session (see bench/RE
 
     python -m bench.step                       # 12 steps; the last stdout line is one JSON object
     python -m bench.step --mini-batches 2      # with a separate old-log-prob pass (mini-batch 2)
+    python -m bench.step --no-shared-prompts   # every response row with its own prompt copy
+    python -m bench.step --train-layers scan   # the training passes' layers scanned (TPU's default)
 
 Workload (the Tunix script's defaults): a Qwen2-shaped random-init model (vocab 512, hidden 128,
 MLP 384, 4 layers, 4 heads, 2 KV heads, head_dim 32, tied embeddings, q/k/v biases, rope_theta
@@ -14,7 +16,8 @@ batch of 64; optax.adamw(1e-5) with its default weight decay 1e-4 and no clippin
 
 A step is what `pacs_jax.train` does per step: pad_prompts + shard_batch, `generate`, the
 response tokens to the host, the old-log-prob pass (nothing to compute with one mini-batch: the
-update's first mini-batch is on-policy by construction), the reward on the host, the update,
+update's first mini-batch is on-policy by construction), the reward on the host, the update
+(each group's prompt run once, `trainer.shared_prompts`; layers as `model.train_layers: auto`),
 metrics to the host. Split like the Tunix script: rollout (generate + tokens to host), prep
 (reward + advantage inputs), train (old log-probs + update, blocked until ready). Step 1
 includes compilation; steady state = median / min of steps 3..12.
