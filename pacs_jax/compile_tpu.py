@@ -425,6 +425,7 @@ def compile_for_topology(
     from pacs_jax import sharding
     from pacs_jax.packing import PACKED_KEYS
     from pacs_jax.rollout import SamplingParams, _generate, pick_bucket
+    from pacs_jax.models.shared_prompt import shares_prompts
     from pacs_jax.update import make_prepare_fn, make_update_fn
 
     t, r, a = config.trainer, config.rollout, config.algorithm
@@ -494,9 +495,12 @@ def compile_for_topology(
 
     chips, weights = topology.chips, _matmul_weights(decoder_config)
     networks = 2 if a.name == "ppo" else 1  # PPO's critic is a second decoder
+    # As the passes decide it per micro-batch (update.per_response_token).
+    shared = t.shared_prompts and shares_prompts(rows // (t.mini_batches * t.micro_batches), r.group_size,
+                                                 sharding.batch_size_divisor(mesh))
     if packed:
         forward_tokens = packed.rows * packed.row_tokens
-    elif t.shared_prompts:
+    elif shared:
         forward_tokens = prompts * prompt_len + rows * response_len  # each group's prompt once
     else:
         forward_tokens = rows * (prompt_len + response_len)
@@ -528,7 +532,7 @@ def compile_for_topology(
         "compact_every": sampling.compact_every, "compact_buckets": sampling.compact_buckets,
         "compact_max_keep": sampling.compact_max_keep,
         "decode_segments": len(sampling.segment_ends()),  # the loops compiled, after min_segment_steps
-        "shared_prompts": bool(t.shared_prompts and not packed),
+        "shared_prompts": bool(shared and not packed),
     }
     if packed:
         model["packing"] = {**dataclasses.asdict(packed), "rows": packed.rows, "assumed_prompt_tokens": min(PACK_PROMPT_TOKENS, prompt_len),

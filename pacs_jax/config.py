@@ -224,7 +224,9 @@ class TrainerConfig:
     # Unpacked update and old-log-prob passes run each group's prompt once, as one row of the prompt
     # and its group_size responses (pacs_jax/models/shared_prompt.py), instead of once per response:
     # the same numbers, group_size - 1 fewer copies of every prompt position (bench.step: 29% fewer
-    # positions, the update 1.25x faster). Ignored with pack_row_tokens (packed rows are per sequence).
+    # positions, the update 1.25x faster). Used where a micro-batch's prompts divide over
+    # mesh.data * mesh.fsdp (else per-response rows); ignored with pack_row_tokens (packed rows are
+    # per sequence).
     shared_prompts: bool = True
     save_every: int = 50
     keep_last: int = 3

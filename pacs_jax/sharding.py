@@ -133,6 +133,12 @@ def batch_size_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def traced_batch_ways() -> int:
+    """`batch_size_divisor` of the mesh set by `jax.set_mesh` around the code being traced (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def validate_mesh_for_model(
     mesh: Mesh,
     decoder_config,

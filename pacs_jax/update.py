@@ -26,9 +26,9 @@ from pacs_jax.algorithms import gae, grpo_loss, outcome_token_rewards, pacs_loss
 from pacs_jax.algorithms.common import masked_mean
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models.llama import Decoder
-from pacs_jax.models.shared_prompt import grouped_response_hidden
+from pacs_jax.models.shared_prompt import grouped_response_hidden, shares_prompts
 from pacs_jax.packing import PACKED_KEYS
-from pacs_jax.sharding import constrain
+from pacs_jax.sharding import constrain, traced_batch_ways
 
 ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 # What the forward passes read: the rollout, and the packed layout when the batch is packed.
@@ -77,14 +77,18 @@ def per_response_token(model: Decoder, batch: dict, head: Callable, group_size: 
     that predict each response token (labels: that token), each returned as [N, T] (0 on padding).
 
     Unpacked: the hidden states of prompt + response rows, sliced to the response (with
-    `group_size` > 1, each group's prompt run once: `grouped_response_hidden`). Packed
+    `group_size` > 1, each group's prompt run once where the groups split over the batch's devices:
+    `grouped_response_hidden`, `shares_prompts`). Packed
     (pacs_jax.packing): the head runs over the packed rows, and only its per-position scalars are
     gathered back to [N, T] with the host's `take` indices (never hidden states or logits: rows and
     responses may sit on different chips)."""
     mask = batch["response_mask"]
     if "segment_ids" not in batch:
         rollout = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
-        hidden = grouped_response_hidden(model, *rollout, group_size) if group_size > 1 else response_hidden(model, *rollout)
+        if shares_prompts(mask.shape[0], group_size, traced_batch_ways()):
+            hidden = grouped_response_hidden(model, *rollout, group_size)
+        else:
+            hidden = response_hidden(model, *rollout)
         return tuple(x * mask for x in head(hidden, batch["response_ids"]))
     ids = batch["packed_ids"]
     hidden = model(ids, positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)

@@ -108,3 +108,18 @@ def test_update_and_old_logprobs_equal_the_per_row_path(rollout, name):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
     for key in ("loss", "grad_norm", "entropy"):
         np.testing.assert_allclose(shared_metrics[key], metrics[key], rtol=1e-4, err_msg=key)
+
+
+def test_group_rows_only_where_they_split_over_the_batch_devices():
+    """On a mesh the group rows are used only when they split evenly over data x fsdp; otherwise
+    every chip would run the whole micro-batch (the paper 7B config: 8 prompts on 32 chips)."""
+    from pacs_jax import sharding
+    from pacs_jax.config import MeshConfig
+    from pacs_jax.models.shared_prompt import shares_prompts
+
+    assert sharding.traced_batch_ways() == 1
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(data=4, fsdp=2))):
+        assert sharding.traced_batch_ways() == 8
+    assert shares_prompts(64, 8, 8) and shares_prompts(64, 8, 1)
+    assert not shares_prompts(64, 8, 32)  # 8 group rows on 32 chips
+    assert not shares_prompts(64, 1, 1)  # no groups

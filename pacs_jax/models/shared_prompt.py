@@ -35,6 +35,15 @@ from pacs_jax.models.llama import (
 from pacs_jax.sharding import constrain
 
 
+def shares_prompts(rows: int, group_size: int, batch_ways: int) -> bool:
+    """Whether a pass over `rows` responses runs each group's prompt once: only when its P =
+    rows / group_size group rows split evenly over the `batch_ways` devices of the batch axes.
+    Otherwise the rows could not be sharded and every chip would run the whole micro-batch (the
+    paper's 7B config, 8 prompts per micro-batch on 32 chips: 155-159 GiB of temporaries per chip
+    instead of 12-22), so the [prompt + response] rows are used."""
+    return group_size > 1 and rows % group_size == 0 and (rows // group_size) % batch_ways == 0
+
+
 def grouped_response_hidden(model: Decoder, prompt_ids, prompt_mask, response_ids, response_mask, group_size: int) -> jax.Array:
     """`update.response_hidden` for rows in groups of `group_size` responses to one prompt: the
     final hidden states at the positions that predict each response token, [N, T, D]. Only the
