@@ -423,9 +423,9 @@ def compile_for_topology(
     from jax.sharding import NamedSharding, PartitionSpec
 
     from pacs_jax import sharding
+    from pacs_jax.models.shared_prompt import shares_prompts
     from pacs_jax.packing import PACKED_KEYS
     from pacs_jax.rollout import SamplingParams, _generate, pick_bucket
-    from pacs_jax.models.shared_prompt import shares_prompts
     from pacs_jax.update import make_prepare_fn, make_update_fn
 
     t, r, a = config.trainer, config.rollout, config.algorithm
