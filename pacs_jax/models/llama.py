@@ -540,7 +540,7 @@ class Decoder(nnx.Module):
         constrain_rows = (lambda h: constrain(h, ACTIVATION_AXES)) if rows_constrained else (lambda h: h)
         x = constrain_rows(x)
         inv_freq = rope_inverse_frequencies(config)
-        layer_params = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(config)}
+        layer_params = self.stacked_layers()
 
         if cache is None or fills_empty_cache:
 
@@ -577,10 +577,14 @@ class Decoder(nnx.Module):
             jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), (0, 0, 0, cache_index, 0)),
         )
 
+    def stacked_layers(self) -> dict:
+        """Every layer's weights as arrays with a leading layers axis, by name (what the layer loop reads)."""
+        return {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
+
     def unstacked_layers(self) -> list[dict]:
         """Each layer's weights as arrays of their own, for `decode_unrolled` (split them once,
         outside the decode loop: a split inside it would copy every weight per step)."""
-        stacked = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
+        stacked = self.stacked_layers()
         return [{name: value[i] for name, value in stacked.items()} for i in range(self.config.num_layers)]
 
     def decode_unrolled(

@@ -25,7 +25,6 @@ from pacs_jax.models.llama import (
     Decoder,
     attention,
     decoder_layer,
-    layer_param_shapes,
     resolve_dtype,
     rms_norm,
     rope_inverse_frequencies,
@@ -89,8 +88,7 @@ def grouped_response_hidden(model: Decoder, prompt_ids, prompt_mask, response_id
         return constrain(x, ACTIVATION_AXES), None  # rows on the data axes, as Decoder.__call__ keeps them
 
     x = constrain(model.embed[...].astype(compute)[ids], ACTIVATION_AXES)
-    layer_params = {name: getattr(model.layers, name)[...] for name in layer_param_shapes(config)}
-    x, _ = run_layers(config, body, x, layer_params, unrolled=config.unrolled_training_layers())
+    x, _ = run_layers(config, body, x, model.stacked_layers(), unrolled=config.unrolled_training_layers())
     # Response token 0 is predicted at the last prompt position (prompts are left-padded), token t
     # at response position t - 1.
     responses = x[:, prompt_len:].reshape(rows, length, -1)
