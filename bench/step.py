@@ -5,6 +5,7 @@ runs on Tunix, so the two can be timed side by side in one session (see bench/RE
     python -m bench.step --mini-batches 2      # with a separate old-log-prob pass (mini-batch 2)
     python -m bench.step --no-shared-prompts   # every response row with its own prompt copy
     python -m bench.step --train-layers scan   # the training passes' layers scanned (TPU's default)
+    python -m bench.step --cpu-compile full    # XLA's default compiler options (trainer.cpu_compile)
 
 Workload (the Tunix script's defaults): a Qwen2-shaped random-init model (vocab 512, hidden 128,
 MLP 384, 4 layers, 4 heads, 2 KV heads, head_dim 32, tied embeddings, q/k/v biases, rope_theta
@@ -35,7 +36,7 @@ import numpy as np
 import optax
 
 from bench.common import OUT_DIR, machine_info, write_json
-from pacs_jax import sharding
+from pacs_jax import sharding, xla_options
 from pacs_jax.config import AlgorithmConfig, MeshConfig
 from pacs_jax.models import DecoderConfig, init_decoder
 from pacs_jax.rollout import SamplingParams, generate, pad_prompts
@@ -63,9 +64,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-layers", default="auto", choices=["auto", "scan", "unrolled"])
     parser.add_argument("--no-shared-prompts", dest="shared_prompts", action="store_false",
                         help="run every response row with its own copy of the prompt (trainer.shared_prompts=false)")
+    parser.add_argument("--cpu-compile", default="fast", choices=["fast", "full"],
+                        help="trainer.cpu_compile: fast (LLVM level 1, elemental emitters) or XLA's defaults")
     parser.add_argument("--steady-from", type=int, default=3)
     parser.add_argument("--out", default=str(OUT_DIR / "step.json"))
     args = parser.parse_args(argv)
+    xla_options.set_cpu_compile(args.cpu_compile)
 
     config = DecoderConfig.from_hf(dict(
         model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -126,6 +130,7 @@ def main(argv=None) -> dict:
         "params": int(sum(x.size for x in jax.tree.leaves(state.params["policy"]))),
         "devices": len(jax.devices()), "mini_batches": args.mini_batches, "decode_layers": args.decode_layers,
         "decode_segments": args.decode_segments, "train_layers": args.train_layers, "shared_prompts": args.shared_prompts,
+        "cpu_compile": args.cpu_compile,
         "first_step_s": records[0]["step"], "second_step_s": records[1]["step"] if len(records) > 1 else None,
         **summary, "reward_mean_per_step": rewards_seen, "params_changed": bool(np.any(before != after)),
         "per_step": records,

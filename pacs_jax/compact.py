@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache
+from pacs_jax import xla_options
+from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache, layer_index, stacked_layer_count
 from pacs_jax.rollout import Rollout, SamplingParams, decode_token, finish_rollout, force_stop, prefill_groups, sample_token
 from pacs_jax.sharding import BATCH_AXES
 
@@ -111,10 +112,11 @@ def _stop_ids(params: SamplingParams) -> jax.Array:
     return jnp.asarray(params.stop_ids or (-1,), jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "params", "group_size", "unrolled"))
-def _start(graphdef, state, prompt_ids, prompt_mask, *, params: SamplingParams, group_size: int, unrolled: bool):
+@xla_options.jit(kind="forward", static_argnames=("graphdef", "params", "group_size", "unrolled"))
+def _start(graphdef, state, prompt_ids, prompt_mask, *, params: SamplingParams, group_size: int, unrolled: bool,
+           layer_index=None):
     model: Decoder = nnx.merge(graphdef, state)
-    layers = model.unstacked_layers() if unrolled else None
+    layers = model.unstacked_layers(layer_index) if unrolled else None
     logits, cache, cache_mask = prefill_groups(model, layers, prompt_ids, prompt_mask, params, group_size)
     rows, new = logits.shape[0], params.max_new_tokens
     response = jnp.full((rows, new), params.pad_id, jnp.int32)
@@ -124,7 +126,7 @@ def _start(graphdef, state, prompt_ids, prompt_mask, *, params: SamplingParams, 
     return layers, loop, Output(response, logprobs)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "params", "visible", "total_rows"), donate_argnames=("loop",))
+@xla_options.jit(kind="forward", static_argnames=("graphdef", "params", "visible", "total_rows"), donate_argnames=("loop",))
 def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, params: SamplingParams, visible: int,
             total_rows: int):
     """Decode until step `end` (traced: one compiled loop serves every chunk of a segment) or until
@@ -187,7 +189,7 @@ def _take_cache_rows(cache: KVCache | LayerKVCache, order: jax.Array):
     return KVCache(*jax.lax.map(lambda kv: (_take_rows(kv[0], order), _take_rows(kv[1], order)), (cache.k, cache.v)))
 
 
-@partial(jax.jit, static_argnames=("rows", "slots"), donate_argnames=("out",))
+@xla_options.jit(kind="forward", static_argnames=("rows", "slots"), donate_argnames=("out",))
 def _regroup(loop: CompactState, out: Output, *, rows: int, slots: int):
     """Writes every row out, then keeps `rows` rows: in each block of rows (row_shards), its first
     rows / blocks with unfinished ones first (in their order), the rest marked padding; with
@@ -218,7 +220,7 @@ def _regroup(loop: CompactState, out: Output, *, rows: int, slots: int):
     return loop, out
 
 
-@partial(jax.jit, static_argnames=("params", "group_size"))
+@xla_options.jit(kind="forward", static_argnames=("params", "group_size"))
 def _finish(loop: CompactState, out: Output, prompt_ids, prompt_mask, *, params: SamplingParams, group_size: int) -> Rollout:
     out = _write_out(loop, out)
     return finish_rollout(prompt_ids, prompt_mask, out.response, out.logprobs, loop.step, _stop_ids(params), group_size)
@@ -228,8 +230,9 @@ def generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params: Samp
                      stop_at=None) -> Rollout:
     """`rollout.generate` with the compacting engine (called through it: same arguments, same Rollout)."""
     unrolled = params.unrolls_layers(jax.default_backend())
+    index = layer_index(stacked_layer_count(state)) if unrolled else None  # see llama.layer_index
     layers, loop, out = _start(graphdef, state, prompt_ids, prompt_mask, params=params, group_size=group_size,
-                               unrolled=unrolled)
+                               unrolled=unrolled, layer_index=index)
     total = rows = loop.done.shape[0]
     shards = row_shards(total)  # the mesh generate runs under, as the jitted functions see it
     prompt_len = prompt_ids.shape[1]

@@ -249,9 +249,12 @@ def _report_from_compiled(name: str, compiled, hbm_bytes: int, model_flops: floa
 def _compile(name: str, lowered_fn, hbm_bytes: int, model_flops: float):
     """Lower and compile: (report, compiled program or None). An out-of-memory refusal from XLA
     becomes a report; anything else raises."""
+    from pacs_jax import xla_options
+
     start = time.perf_counter()
     try:
-        compiled = lowered_fn().compile()
+        with xla_options.target("tpu"):  # the programs are lowered on a CPU host; no CPU options
+            compiled = lowered_fn().compile()
     except Exception as error:  # noqa: BLE001 -- XLA raises JaxRuntimeError; only OOM is a result
         message = str(error)
         if "RESOURCE_EXHAUSTED" not in message:

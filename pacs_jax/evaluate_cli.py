@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pacs_jax import xla_options
     from pacs_jax.config import ConfigError, load_config
     from pacs_jax.evaluate import evaluate
     from pacs_jax.models.tokenizer import load_tokenizer
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         overrides.append(f"model.path={args.model}")
     config = load_config(args.config, overrides)
+    xla_options.set_cpu_compile(config.trainer.cpu_compile)
     sets = dict(config.data.val)
     for item in args.data:
         if "=" not in item:

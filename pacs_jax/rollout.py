@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache, resolve_dtype
+from pacs_jax import xla_options
+from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache, layer_index, resolve_dtype, stacked_layer_count
 
 DECODE_LAYERS = ("auto", "scan", "unrolled")
 # "static": one batch of every row until the last one stops (this module). "compact": the unfinished
@@ -340,13 +341,14 @@ def finish_rollout(prompt_ids, prompt_mask, response, logprobs, steps, stop_ids,
     )
 
 
-@partial(jax.jit, static_argnames=("graphdef", "params", "group_size"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: SamplingParams, group_size: int, stop_at=None) -> Rollout:
+@xla_options.jit(kind="forward", static_argnames=("graphdef", "params", "group_size"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, params: SamplingParams, group_size: int, stop_at=None,
+              layer_index=None) -> Rollout:
     model: Decoder = nnx.merge(graphdef, state)
     unrolled = params.unrolls_layers(jax.default_backend())
     batch, prompt_len = prompt_ids.shape
     new = params.max_new_tokens
-    layers = model.unstacked_layers() if unrolled else None
+    layers = model.unstacked_layers(layer_index) if unrolled else None
     logits, cache, cache_mask = prefill_groups(model, layers, prompt_ids, prompt_mask, params, group_size)
     rows = batch * group_size
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
@@ -414,4 +416,7 @@ def generate(
         from pacs_jax.compact import generate_compact
 
         return generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params, group_size, stop_at)
-    return _generate(graphdef, state, prompt_ids, prompt_mask, key, params=params, group_size=group_size, stop_at=stop_at)
+    # Where the layers are unrolled, their weights are sliced at traced indices (fewer kernels to compile).
+    index = layer_index(stacked_layer_count(state)) if params.unrolls_layers(jax.default_backend()) else None
+    return _generate(graphdef, state, prompt_ids, prompt_mask, key, params=params, group_size=group_size, stop_at=stop_at,
+                     layer_index=index)

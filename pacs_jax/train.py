@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from pacs_jax import sharding
+from pacs_jax import sharding, xla_options
 from pacs_jax.checkpoint import Checkpointer
 from pacs_jax.config import Config, ConfigError, save_config, to_dict
 from pacs_jax.data import Example, PromptStream, build_examples, load_rows
@@ -130,6 +130,7 @@ def train(config: Config) -> dict:
     if config.sft.steps and any(not e.solution for e in train_examples):
         raise ConfigError(f"sft.steps={config.sft.steps} needs reference solutions, which {config.data.train} does not provide")
     policy = load_policy(config, tokenizer)
+    xla_options.set_cpu_compile(t.cpu_compile)
     mesh = sharding.make_mesh(config.mesh)
     sharding.validate_mesh_for_model(
         mesh, policy.config, t.prompts_per_step, r.group_size, mini_batches=t.mini_batches, micro_batches=t.micro_batches

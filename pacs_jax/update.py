@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pacs_jax import xla_options
 from pacs_jax.algorithms import gae, grpo_loss, outcome_token_rewards, pacs_loss, ppo_policy_loss, rloo_loss, value_loss
 from pacs_jax.algorithms.common import masked_mean
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
-from pacs_jax.models.llama import Decoder
+from pacs_jax.models.llama import Decoder, indexed_layers, layer_index
 from pacs_jax.models.shared_prompt import grouped_response_hidden, shares_prompts
 from pacs_jax.packing import PACKED_KEYS
 from pacs_jax.sharding import constrain, traced_batch_ways
@@ -262,6 +263,28 @@ def _reduce_metrics(metrics: dict) -> dict:
     return {**jax.tree.map(jnp.mean, metrics), **sums, **maxes}
 
 
+class LayerIndexed:
+    """`jitted(*args)` called as `jitted(*args, llama.layer_index(layers))` when the policy's
+    training passes unroll their layers (CPU, `model.train_layers`): the layer weights' slices
+    then compile as one kernel per shape, not one per layer (see llama.layer_index). `policy_of`
+    picks the policy's split state out of the arguments (read for its config once)."""
+
+    def __init__(self, jitted, graphdef, policy_of: Callable):
+        self._jitted, self._graphdef, self._policy_of, self._extra = jitted, graphdef, policy_of, None
+
+    def _args(self, args):
+        if self._extra is None:
+            config = nnx.merge(self._graphdef, self._policy_of(*args)).config
+            self._extra = (layer_index(config.num_layers),) if config.unrolled_training_layers() else ()
+        return (*args, *self._extra)
+
+    def __call__(self, *args):
+        return self._jitted(*self._args(args))
+
+    def lower(self, *args):
+        return self._jitted.lower(*self._args(args))
+
+
 def make_update_fn(
     graphdefs,
     optimizer: optax.GradientTransformation,
@@ -293,7 +316,11 @@ def make_update_fn(
         # Micro-batch m holds rows m * rows / (mini * micro) ...: groups (and packed rows) stay whole.
         return x.reshape(mini_batches, micro_batches, x.shape[0] // (mini_batches * micro_batches), *x.shape[1:])
 
-    def update(state: TrainState, batch: dict):
+    def update(state: TrainState, batch: dict, layer_index=None):
+        with indexed_layers(layer_index):
+            return update_step(state, batch)
+
+    def update_step(state: TrainState, batch: dict):
         rows = batch["rewards"].shape[0]
         prompts = rows // group_size
         if rows % group_size or prompts % (mini_batches * micro_batches):
@@ -357,7 +384,8 @@ def make_update_fn(
             metrics["rollout/logprob_diff_mean"] = metrics.pop(_DIFF_SUM) / jnp.maximum(jnp.sum(batch["response_mask"]), 1)
         return state, metrics
 
-    return jax.jit(update, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding is not None else None)
+    jitted = xla_options.jit(update, kind="backward", donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding is not None else None)
+    return LayerIndexed(jitted, graphdefs["policy"], lambda state, batch: state.params["policy"])
 
 
 def make_prepare_fn(
@@ -375,7 +403,11 @@ def make_prepare_fn(
     if not 0 <= on_policy_chunks <= chunks:
         raise ValueError(f"on_policy_chunks={on_policy_chunks} must be in [0, chunks={chunks}]")
 
-    def prepare(params, ref_params, rollout: dict):
+    def prepare(params, ref_params, rollout: dict, layer_index=None):
+        with indexed_layers(layer_index):
+            return prepare_step(params, ref_params, rollout)
+
+    def prepare_step(params, ref_params, rollout: dict):
         policy = nnx.merge(graphdefs["policy"], params["policy"])
 
         def one_chunk(inputs):
@@ -401,7 +433,7 @@ def make_prepare_fn(
         out = jax.lax.map(one_chunk, (jnp.arange(chunks), chunked))
         return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
 
-    return jax.jit(prepare)
+    return LayerIndexed(xla_options.jit(prepare, kind="forward"), graphdefs["policy"], lambda params, ref, rollout: params["policy"])
 
 
 def make_sft_step(graphdef, optimizer: optax.GradientTransformation) -> Callable:
@@ -413,9 +445,10 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation) -> Callable
         mask = batch["response_mask"]
         return -jnp.sum(logprobs) / jnp.maximum(jnp.sum(mask), 1)
 
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    def step(params, opt_state, batch, layer_index=None):
+        with indexed_layers(layer_index):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"sft/loss": loss, "sft/grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return LayerIndexed(xla_options.jit(step, kind="backward", donate_argnums=(0, 1)), graphdef, lambda params, opt, batch: params)

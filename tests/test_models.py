@@ -78,20 +78,24 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama_bias_mha", "qwen2_tied_mqa", "qwen3_qknorm"])
-@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+@pytest.mark.parametrize("layers", ["scan", "unrolled", "unrolled_indexed"])
 def test_gradients_match_transformers(case, layers, tmp_path):
     """Every parameter's gradient of a weighted sum of token log-probs (left-padded rows) equals
     PyTorch autograd's through the transformers model: pins the projections' hand-written backward
-    (`llama.project`) and both ways of running the layers."""
+    (`llama.project`) and the ways of running the layers. "unrolled_indexed" is the trainer's CPU
+    path: weights sliced at traced `layer_index` arguments (with its stacking backward), compiled
+    with the CPU options of a backward program (`xla_options`)."""
     import dataclasses
 
     from flax import nnx
 
+    from pacs_jax import xla_options
     from pacs_jax.models.hf import _LAYER_NAMES, _to_hf, build_decoder
+    from pacs_jax.models.llama import indexed_layers, layer_index
 
     hf_model = make_hf_model(case, tmp_path)
     loaded = from_pretrained(tmp_path, dtype="float32")
-    config = dataclasses.replace(loaded.config, train_layers=layers)
+    config = dataclasses.replace(loaded.config, train_layers=layers.removesuffix("_indexed"))
     model = build_decoder(config, nnx.to_pure_dict(nnx.state(loaded, nnx.Param)))
     rng = np.random.default_rng(0)
     ids, mask = left_padded_batch(rng, BASE["vocab_size"], [12, 7, 3], 12)
@@ -105,7 +109,14 @@ def test_gradients_match_transformers(case, layers, tmp_path):
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[..., None], -1)[..., 0]
         return jnp.sum(logprobs * jnp.asarray(weights, jnp.float32))
 
-    grads = nnx.to_pure_dict(jax.grad(loss)(params))
+    if layers == "unrolled_indexed":
+        def indexed_grad(params, index):
+            with indexed_layers(index):
+                return jax.grad(loss)(params)
+
+        grads = nnx.to_pure_dict(xla_options.jit(indexed_grad, kind="backward")(params, layer_index(config.num_layers)))
+    else:
+        grads = nnx.to_pure_dict(jax.grad(loss)(params))
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     logits = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)).logits
     logprobs = torch.gather(torch.log_softmax(logits, -1), -1, torch.tensor(labels)[..., None])[..., 0]

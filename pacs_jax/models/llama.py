@@ -13,6 +13,8 @@ over per-layer weights and caches, because XLA CPU copies each scanned layer out
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -20,6 +22,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pacs_jax.sharding import constrain
@@ -253,6 +256,71 @@ def _project_bwd(spec, residuals, grad):
 project.defvjp(_project_fwd, _project_bwd)
 
 
+# ------------------------------------------------------------- layer weights, one per layer
+#
+# An unrolled layer loop (CPU) slices every stacked weight once per layer. XLA CPU compiles each
+# fused kernel on its own, ~20-30 ms of LLVM whatever its size, and a static slice's offset is part
+# of its kernel: one kernel per weight per layer, 44 of the rollout's 164 kernels and 41 of the
+# update's 231 on bench.step's 4-layer model. Sliced at indices XLA cannot see (`layer_index`,
+# passed into the jitted function as arguments), the slices of one shape share one kernel.
+
+
+def layer_index(num_layers: int) -> tuple[np.ndarray, ...]:
+    """0 ... num_layers - 1 as separate int32 scalars: pass them into a jitted function as an
+    argument (one parameter each: an array of them would be sliced at constant offsets again)
+    and on to `unstack_tree` or `indexed_layers`."""
+    return tuple(np.int32(i) for i in range(num_layers))
+
+
+def stacked_layer_count(state) -> int:
+    """The number of layers of a Decoder's split state (nnx.split(decoder)[1])."""
+    return jax.tree.leaves(state["layers"])[0].shape[0]
+
+
+@jax.custom_vjp
+def _unstack(stacked: jax.Array, index: tuple) -> list[jax.Array]:
+    return [jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False) for i in index]
+
+
+def _unstack_fwd(stacked, index):
+    return _unstack(stacked, index), None
+
+
+def _unstack_bwd(_, cotangents):
+    # index[i] is i (layer_index): the slices' cotangents stacked, one concatenate that XLA fuses
+    # into the optimizer's kernels, not autodiff's zero-filled update of the whole stack per layer.
+    return jnp.stack(cotangents), None
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+def unstack_tree(tree, length: int, index: Optional[tuple] = None) -> list:
+    """The `length` trees of every leaf's slices along its leading (layers) axis: at the traced
+    `layer_index` scalars `index` where given, else at static offsets."""
+    if index is None:
+        return [jax.tree.map(lambda stacked: stacked[i], tree) for i in range(length)]
+    if len(index) != length:
+        raise ValueError(f"layer_index has {len(index)} entries for {length} layers")
+    leaves, treedef = jax.tree.flatten(tree)
+    sliced = [_unstack(leaf, tuple(index)) for leaf in leaves]
+    return [treedef.unflatten([s[i] for s in sliced]) for i in range(length)]
+
+
+_LAYER_INDEX: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("layer_index", default=None)
+
+
+@contextlib.contextmanager
+def indexed_layers(index: Optional[tuple]):
+    """While a jitted function that took `layer_index(...)` as an argument traces inside this,
+    the unrolled training passes (`run_layers`) slice the stacked weights at those indices."""
+    token = _LAYER_INDEX.set(index)
+    try:
+        yield
+    finally:
+        _LAYER_INDEX.reset(token)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     # Normalise in float32 whatever the compute dtype, as the HF reference does.
     x32 = x.astype(jnp.float32)
@@ -410,8 +478,8 @@ def run_layers(config: DecoderConfig, body, carry, xs, unrolled: bool):
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     if not unrolled:
         return jax.lax.scan(body, carry, xs)
-    for i in range(config.num_layers):
-        carry, out = body(carry, jax.tree.map(lambda stacked: stacked[i], xs))
+    for layer in unstack_tree(xs, config.num_layers, _LAYER_INDEX.get()):
+        carry, out = body(carry, layer)
         if out is not None:
             raise ValueError("run_layers(unrolled=True) takes a body without per-layer outputs")
     return carry, None
@@ -581,11 +649,11 @@ class Decoder(nnx.Module):
         """Every layer's weights as arrays with a leading layers axis, by name (what the layer loop reads)."""
         return {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
 
-    def unstacked_layers(self) -> list[dict]:
+    def unstacked_layers(self, index: Optional[tuple] = None) -> list[dict]:
         """Each layer's weights as arrays of their own, for `decode_unrolled` (split them once,
-        outside the decode loop: a split inside it would copy every weight per step)."""
-        stacked = self.stacked_layers()
-        return [{name: value[i] for name, value in stacked.items()} for i in range(self.config.num_layers)]
+        outside the decode loop: a split inside it would copy every weight per step), sliced at
+        the traced `layer_index` scalars `index` where given (`unstack_tree`)."""
+        return unstack_tree(self.stacked_layers(), self.config.num_layers, index)
 
     def decode_unrolled(
         self,
