@@ -4,10 +4,10 @@ On CPU (the debug mode, the tests, the benchmarks) a program's compile time is m
 roughly 30 ms of CPU per fused kernel whatever its size, and the rollout and the update are
 160-230 kernels each on the smallest model: compiling them is most of a short run's first step.
 Two options cut that by about a third: LLVM at optimisation level 1 instead of 2, and XLA's
-elemental kernel emitters instead of its MLIR fusion emitters (either alone saves little).
-bench.step, four alternating runs: first step 10.3-10.9 s -> 6.9-7.0 s, steady steps within the
-run-to-run noise (update alone, one process: 1.06x). `trainer.cpu_compile: full` keeps XLA's
-defaults. TPU and GPU programs are compiled with XLA's defaults always.
+elemental kernel emitters instead of its MLIR fusion emitters, which put a program's kernels
+into a few shared LLVM modules (for forward-only programs: see FAST_CPU_COMPILE). bench.step,
+alternating runs: first step 8.1-10.9 s -> 6.5-8.6 s, steady steps within the run-to-run noise.
+`trainer.cpu_compile: full` keeps XLA's defaults. TPU and GPU programs always get XLA's defaults.
 
 The options are chosen when a program is first called, by the backend in use then (not at
 import: a multi-host job initialises jax.distributed before any backend exists), or by
