@@ -228,9 +228,10 @@ class TrainerConfig:
     # mesh.data * mesh.fsdp (else per-response rows); ignored with pack_row_tokens (packed rows are
     # per sequence).
     shared_prompts: bool = True
-    # How the engines' programs compile on CPU (pacs_jax/xla_options.py): "fast" = LLVM level 1
-    # and XLA's elemental kernel emitters, about a third less compile time (a short run's first
-    # step is mostly compile) for steps within noise; "full" = XLA's defaults. TPU/GPU: defaults.
+    # How the engines' programs compile on CPU (pacs_jax/xla_options.py): "fast" = LLVM level 1,
+    # and XLA's elemental kernel emitters for the programs without a backward pass: about a third
+    # less compile time (a short run's first step is mostly compile) for steps within noise;
+    # "full" = XLA's defaults. TPU/GPU programs always get XLA's defaults.
     cpu_compile: Literal["fast", "full"] = "fast"
     save_every: int = 50
     keep_last: int = 3

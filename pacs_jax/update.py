@@ -264,19 +264,28 @@ def _reduce_metrics(metrics: dict) -> dict:
 
 
 class LayerIndexed:
-    """`jitted(*args)` called as `jitted(*args, llama.layer_index(layers))` when the policy's
-    training passes unroll their layers (CPU, `model.train_layers`): the layer weights' slices
-    then compile as one kernel per shape, not one per layer (see llama.layer_index). `policy_of`
-    picks the policy's split state out of the arguments (read for its config once)."""
+    """`fun` jitted (`xla_options.jit(kind=..., **jit_kwargs)`) and called with one more
+    argument: `llama.layer_index(layers)` when the policy's training passes unroll their layers
+    (CPU, `model.train_layers`), which `fun` then traces inside `indexed_layers`, so the layer
+    weights' slices compile as one kernel per shape, not one per layer; else None. `policy_of`
+    picks the policy's split state out of the arguments (read for its config at the first call)."""
 
-    def __init__(self, jitted, graphdef, policy_of: Callable):
-        self._jitted, self._graphdef, self._policy_of, self._extra = jitted, graphdef, policy_of, None
+    _UNREAD = object()
+
+    def __init__(self, fun: Callable, graphdef, policy_of: Callable, *, kind: str, **jit_kwargs):
+        def indexed(*args):
+            *args, index = args
+            with indexed_layers(index):
+                return fun(*args)
+
+        self._jitted = xla_options.jit(indexed, kind=kind, **jit_kwargs)
+        self._graphdef, self._policy_of, self._index = graphdef, policy_of, self._UNREAD
 
     def _args(self, args):
-        if self._extra is None:
+        if self._index is self._UNREAD:
             config = nnx.merge(self._graphdef, self._policy_of(*args)).config
-            self._extra = (layer_index(config.num_layers),) if config.unrolled_training_layers() else ()
-        return (*args, *self._extra)
+            self._index = layer_index(config.num_layers) if config.unrolled_training_layers() else None
+        return (*args, self._index)
 
     def __call__(self, *args):
         return self._jitted(*self._args(args))
@@ -316,11 +325,7 @@ def make_update_fn(
         # Micro-batch m holds rows m * rows / (mini * micro) ...: groups (and packed rows) stay whole.
         return x.reshape(mini_batches, micro_batches, x.shape[0] // (mini_batches * micro_batches), *x.shape[1:])
 
-    def update(state: TrainState, batch: dict, layer_index=None):
-        with indexed_layers(layer_index):
-            return update_step(state, batch)
-
-    def update_step(state: TrainState, batch: dict):
+    def update(state: TrainState, batch: dict):
         rows = batch["rewards"].shape[0]
         prompts = rows // group_size
         if rows % group_size or prompts % (mini_batches * micro_batches):
@@ -384,8 +389,8 @@ def make_update_fn(
             metrics["rollout/logprob_diff_mean"] = metrics.pop(_DIFF_SUM) / jnp.maximum(jnp.sum(batch["response_mask"]), 1)
         return state, metrics
 
-    jitted = xla_options.jit(update, kind="backward", donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding is not None else None)
-    return LayerIndexed(jitted, graphdefs["policy"], lambda state, batch: state.params["policy"])
+    return LayerIndexed(update, graphdefs["policy"], lambda state, batch: state.params["policy"], kind="backward",
+                        donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding is not None else None)
 
 
 def make_prepare_fn(
@@ -403,11 +408,7 @@ def make_prepare_fn(
     if not 0 <= on_policy_chunks <= chunks:
         raise ValueError(f"on_policy_chunks={on_policy_chunks} must be in [0, chunks={chunks}]")
 
-    def prepare(params, ref_params, rollout: dict, layer_index=None):
-        with indexed_layers(layer_index):
-            return prepare_step(params, ref_params, rollout)
-
-    def prepare_step(params, ref_params, rollout: dict):
+    def prepare(params, ref_params, rollout: dict):
         policy = nnx.merge(graphdefs["policy"], params["policy"])
 
         def one_chunk(inputs):
@@ -433,7 +434,7 @@ def make_prepare_fn(
         out = jax.lax.map(one_chunk, (jnp.arange(chunks), chunked))
         return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
 
-    return LayerIndexed(xla_options.jit(prepare, kind="forward"), graphdefs["policy"], lambda params, ref, rollout: params["policy"])
+    return LayerIndexed(prepare, graphdefs["policy"], lambda params, ref, rollout: params["policy"], kind="forward")
 
 
 def make_sft_step(graphdef, optimizer: optax.GradientTransformation) -> Callable:
@@ -445,10 +446,9 @@ def make_sft_step(graphdef, optimizer: optax.GradientTransformation) -> Callable
         mask = batch["response_mask"]
         return -jnp.sum(logprobs) / jnp.maximum(jnp.sum(mask), 1)
 
-    def step(params, opt_state, batch, layer_index=None):
-        with indexed_layers(layer_index):
-            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"sft/loss": loss, "sft/grad_norm": optax.tree.norm(grads)}
 
-    return LayerIndexed(xla_options.jit(step, kind="backward", donate_argnums=(0, 1)), graphdef, lambda params, opt, batch: params)
+    return LayerIndexed(step, graphdef, lambda params, opt, batch: params, kind="backward", donate_argnums=(0, 1))

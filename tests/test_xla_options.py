@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pacs_jax import xla_options
 from pacs_jax.config import ConfigError, load_config
@@ -48,8 +49,6 @@ def test_this_jaxlib_accepts_the_options_and_numbers_hold(kind):
     config = DecoderConfig.from_hf(dict(
         model_type="qwen2", vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    from flax import nnx
-
     graphdef, params = nnx.split(init_decoder(config, seed=0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 61, (3, 9)), jnp.int32)
 
