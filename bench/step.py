@@ -37,6 +37,7 @@ import optax
 
 from bench.common import OUT_DIR, machine_info, write_json
 from pacs_jax import sharding, xla_options
+from pacs_jax.compile_ahead import CompileAhead, batch_arrays
 from pacs_jax.config import AlgorithmConfig, MeshConfig
 from pacs_jax.models import DecoderConfig, init_decoder
 from pacs_jax.rollout import SamplingParams, generate, pad_prompts
@@ -66,6 +67,8 @@ def main(argv=None) -> dict:
                         help="run every response row with its own copy of the prompt (trainer.shared_prompts=false)")
     parser.add_argument("--cpu-compile", default="fast", choices=["fast", "full"],
                         help="trainer.cpu_compile: fast (LLVM level 1, elemental emitters) or XLA's defaults")
+    parser.add_argument("--no-compile-ahead", dest="compile_ahead", action="store_false",
+                        help="compile the old-log-prob pass and the update when first called, not while the rollout compiles")
     parser.add_argument("--steady-from", type=int, default=3)
     parser.add_argument("--out", default=str(OUT_DIR / "step.json"))
     args = parser.parse_args(argv)
@@ -98,18 +101,25 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             ids, mask = pad_prompts([[BOS, *row] for row in prompts[step].tolist()], [args.prompt_len], 0)
             batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh)
+            if step == 0 and args.compile_ahead:
+                ahead = CompileAhead(prepare, update, state, None, rows=len(ids) * args.group_size, prompt_width=ids.shape[1],
+                                     max_new_tokens=args.max_new, mesh=mesh)
             rollout = generate((graphdefs["policy"], state.params["policy"]), batch["ids"], batch["mask"],
                                jax.random.fold_in(base_key, step), sampling, args.group_size)
             response_ids, response_mask = jax.device_get((rollout.response_ids, rollout.response_mask))
             rollout_s = time.perf_counter() - start
 
-            arrays = {k: getattr(rollout, k) for k in ROLLOUT_KEYS}
+            arrays = batch_arrays({k: getattr(rollout, k) for k in ROLLOUT_KEYS}, mesh)
+            if step == 0 and args.compile_ahead:
+                ahead.prepare_ready.result()
             extras = prepare(state.params, None, arrays)  # dispatched; runs while the host scores
             scores = parity_reward(response_ids, response_mask)
             rewards = sharding.shard_batch({"rewards": scores}, mesh)["rewards"]
             prep_s = time.perf_counter() - start - rollout_s
 
-            state, metrics = update(state, {**arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs})
+            if step == 0 and args.compile_ahead:
+                ahead.update_ready.result()
+            state, metrics = update(state, batch_arrays({**arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs}, mesh))
             metrics = jax.device_get(metrics)
             jax.block_until_ready(state.params)
             step_s = time.perf_counter() - start
@@ -130,7 +140,7 @@ def main(argv=None) -> dict:
         "params": int(sum(x.size for x in jax.tree.leaves(state.params["policy"]))),
         "devices": len(jax.devices()), "mini_batches": args.mini_batches, "decode_layers": args.decode_layers,
         "decode_segments": args.decode_segments, "train_layers": args.train_layers, "shared_prompts": args.shared_prompts,
-        "cpu_compile": args.cpu_compile,
+        "cpu_compile": args.cpu_compile, "compile_ahead": args.compile_ahead,
         "first_step_s": records[0]["step"], "second_step_s": records[1]["step"] if len(records) > 1 else None,
         **summary, "reward_mean_per_step": rewards_seen, "params_changed": bool(np.any(before != after)),
         "per_step": records,

@@ -24,6 +24,7 @@ from etils import epath
 from flax import nnx
 
 from pacs_jax import sharding, xla_options
+from pacs_jax.compile_ahead import CompileAhead, batch_arrays
 from pacs_jax.checkpoint import Checkpointer
 from pacs_jax.config import Config, ConfigError, save_config, to_dict
 from pacs_jax.data import Example, PromptStream, build_examples, load_rows
@@ -195,6 +196,7 @@ def train(config: Config) -> dict:
     )
     pool = VerifierPool.from_config(config.reward)
     step, state_valid = start_step, True
+    ahead = None  # the first step's passes, compiled while its rollout compiles and runs
     # The newest step whose update has finished and the data position after it: what a failure
     # saves, so that a rerun takes a step that failed half-way again from its start.
     complete = (start_step, stream.state())
@@ -210,17 +212,22 @@ def train(config: Config) -> dict:
                 # Every process builds the same global batch and feeds the rows its devices hold.
                 first, last = sharding.process_slice(len(examples), mesh)
                 prompts = sharding.shard_batch({"ids": prompt_ids[first:last], "mask": prompt_mask[first:last]}, mesh)
+                if ahead is None and not t.pack_row_tokens:
+                    ahead = CompileAhead(prepare, update, state, reference, rows=len(examples) * r.group_size,
+                                         prompt_width=prompt_ids.shape[1], max_new_tokens=r.max_new_tokens, mesh=mesh)
                 rollout = generate((graphdefs["policy"], state.params["policy"]), prompts["ids"], prompts["mask"],
                                    jax.random.fold_in(base_key, step), sampling, r.group_size)
                 response_ids, response_mask = _to_host((rollout.response_ids, rollout.response_mask))
                 rollout_s = time.perf_counter() - timer
 
                 # Dispatch the old log-probs, then check answers on the host while the device works.
-                rollout_arrays = {k: getattr(rollout, k) for k in ROLLOUT_KEYS}
+                rollout_arrays = batch_arrays({k: getattr(rollout, k) for k in ROLLOUT_KEYS}, mesh)
                 pack_stats = {}
                 if t.pack_row_tokens:
                     packed, pack_stats = _pack(config, mesh, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer.pad_id)
                     rollout_arrays.update(packed)
+                if ahead is not None:
+                    ahead.prepare_ready.result()
                 extras = prepare(state.params, reference, rollout_arrays)
                 first, last = sharding.process_slice(len(response_ids), mesh)
                 texts = decode_responses(tokenizer, response_ids[first:last], response_mask[first:last])
@@ -231,7 +238,9 @@ def train(config: Config) -> dict:
                 reward_s = time.perf_counter() - timer - rollout_s
 
                 state_valid = False  # the update donates the state
-                batch = {**rollout_arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs}
+                batch = batch_arrays({**rollout_arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs}, mesh)
+                if ahead is not None:
+                    ahead.update_ready.result()
                 state, update_metrics = update(state, batch)
                 update_metrics = jax.device_get(update_metrics)
                 state_valid = True

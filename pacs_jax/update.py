@@ -278,6 +278,10 @@ class LayerIndexed:
             with indexed_layers(index):
                 return fun(*args)
 
+        # The program keeps fun's name in compile logs and profiles (not functools.wraps: jit
+        # would read fun's signature, which lacks the index argument).
+        indexed.__name__ = indexed.__qualname__ = fun.__name__
+
         self._jitted = xla_options.jit(indexed, kind=kind, **jit_kwargs)
         self._graphdef, self._policy_of, self._index = graphdef, policy_of, self._UNREAD
 

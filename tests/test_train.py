@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def tiny_config(tmp_path, *extra):
     return load_config(None, [*TINY, f"trainer.run_dir={tmp_path}", *extra])
 
 
+# (thread name, program name) of every program jax lowers in this process: a jitted call that
+# finds its program compiled already (here: ahead of time, on the compile-ahead thread) lowers nothing.
+LOWERED: list[tuple[str, str]] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, fun_name=None, **kw: LOWERED.append((threading.current_thread().name, fun_name))
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None
+)
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -49,7 +59,12 @@ def read_metrics(run_dir):
 @pytest.mark.parametrize("algorithm", ["pacs", "ppo", "rloo"])
 def test_each_algorithm_runs_end_to_end(tmp_path, algorithm):
     config = tiny_config(tmp_path, f"algorithm.name={algorithm}", "trainer.total_steps=2", "trainer.save_every=1")
+    LOWERED.clear()
     outputs = train(config)
+    # The old-log-prob pass (2 mini-batches: it computes) and the update compiled on the second
+    # thread while the first rollout compiled, and the trainer's calls ran those programs.
+    passes = [(thread, name) for thread, name in LOWERED if name in ("jit(prepare)", "jit(update)")]
+    assert sorted(passes) == [("compile-ahead_0", "jit(prepare)"), ("compile-ahead_0", "jit(update)")]
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
