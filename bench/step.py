@@ -111,14 +111,14 @@ def main(argv=None) -> dict:
 
             arrays = batch_arrays({k: getattr(rollout, k) for k in ROLLOUT_KEYS}, mesh)
             if step == 0 and args.compile_ahead:
-                ahead.prepare_ready.result()
+                ahead.wait_prepare()
             extras = prepare(state.params, None, arrays)  # dispatched; runs while the host scores
             scores = parity_reward(response_ids, response_mask)
             rewards = sharding.shard_batch({"rewards": scores}, mesh)["rewards"]
             prep_s = time.perf_counter() - start - rollout_s
 
             if step == 0 and args.compile_ahead:
-                ahead.update_ready.result()
+                ahead.wait_update()
             state, metrics = update(state, batch_arrays({**arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs}, mesh))
             metrics = jax.device_get(metrics)
             jax.block_until_ready(state.params)

@@ -3,10 +3,9 @@ rollout compiles and runs.
 
 A step's programs run one after the other, but their inputs' shapes are known before the first
 rollout starts (rows, prompt bucket, max_new_tokens), so nothing forces their compiles to wait
-for it. XLA's compile releases the GIL and the rollout's is only part-parallel: on bench.step's
-workload (2 CPU cores) the rollout and the update compiled in 6.3-6.8 s one after the other and
-5.1-5.2 s at once. On a TPU host, with many cores and minutes of compile at 7B, the overlap is
-larger.
+for it. XLA's compile releases the GIL, so the update traces, lowers and compiles while the
+rollout does. On bench.step's workload (2 CPU cores, which XLA's compile already keeps busy) that
+is about 0.3 s of a 6-8 s first step (bench/RESULTS.md); a TPU host has more cores to overlap on.
 
 An ahead-of-time compile (`jit(f).lower(...).compile()`) fills the cache the jitted call later
 reads only when the call's argument types are the same ones: same shapes, dtypes and sharding
@@ -19,6 +18,7 @@ passes are not compiled ahead.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from typing import Callable, Mapping
 
 import jax
@@ -26,6 +26,8 @@ import jax.numpy as jnp
 
 from pacs_jax import sharding
 from pacs_jax.update import ROLLOUT_KEYS
+
+log = logging.getLogger("pacs_jax")
 
 
 def batch_arrays(arrays: Mapping[str, jax.Array], mesh) -> dict[str, jax.Array]:
@@ -44,8 +46,9 @@ def rollout_types(rows: int, prompt_width: int, max_new_tokens: int, mesh) -> di
 
 class CompileAhead:
     """Compiles `prepare(params, reference, rollout)` and then `update(state, batch)` on a worker
-    thread, for the types the first step will call them with. Wait on `prepare_ready` /
-    `update_ready` before calling each (their errors are the calls' errors, raised there)."""
+    thread, for the types the first step will call them with. Call `wait_prepare()` /
+    `wait_update()` before calling each: a call made while its program is still compiling here
+    would compile it a second time."""
 
     def __init__(self, prepare, update, state, reference, *, rows: int, prompt_width: int, max_new_tokens: int, mesh):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
@@ -61,7 +64,7 @@ class CompileAhead:
             return prepare.lower(state.params, reference, rollout).compile()
 
         def compile_update():
-            extras = self.prepare_ready.result().out_info
+            extras = self._prepare.result().out_info
             logprobs = jax.ShapeDtypeStruct((rows, max_new_tokens), jnp.float32, sharding=sharding.batch_sharding(mesh))
             batch = {
                 **rollout,
@@ -71,6 +74,22 @@ class CompileAhead:
             }
             return update.lower(state, batch).compile()
 
-        self.prepare_ready = self._pool.submit(in_mesh(compile_prepare))
-        self.update_ready = self._pool.submit(in_mesh(compile_update))
+        self._prepare = self._pool.submit(in_mesh(compile_prepare))
+        self._update = self._pool.submit(in_mesh(compile_update))
         self._pool.shutdown(wait=False)  # the thread ends when both are done
+
+    def wait_prepare(self) -> None:
+        _wait(self._prepare, "old-log-prob pass")
+
+    def wait_update(self) -> None:
+        _wait(self._update, "update")
+
+
+def _wait(future: concurrent.futures.Future, name: str) -> None:
+    # A failure here is only lost time: the call compiles the program itself, and raises what is
+    # really wrong with it there.
+    try:
+        future.result()
+    except Exception as error:  # noqa: BLE001
+        log.warning("compiling the %s ahead of its first call failed (%s: %s); it compiles at the call",
+                    name, type(error).__name__, error)

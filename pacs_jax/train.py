@@ -227,7 +227,7 @@ def train(config: Config) -> dict:
                     packed, pack_stats = _pack(config, mesh, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer.pad_id)
                     rollout_arrays.update(packed)
                 if ahead is not None:
-                    ahead.prepare_ready.result()
+                    ahead.wait_prepare()
                 extras = prepare(state.params, reference, rollout_arrays)
                 first, last = sharding.process_slice(len(response_ids), mesh)
                 texts = decode_responses(tokenizer, response_ids[first:last], response_mask[first:last])
@@ -240,7 +240,7 @@ def train(config: Config) -> dict:
                 state_valid = False  # the update donates the state
                 batch = batch_arrays({**rollout_arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs}, mesh)
                 if ahead is not None:
-                    ahead.update_ready.result()
+                    ahead.wait_update()
                 state, update_metrics = update(state, batch)
                 update_metrics = jax.device_get(update_metrics)
                 state_valid = True
