@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         overrides.append(f"model.path={args.model}")
     config = load_config(args.config, overrides)
+    xla_options.set_compile_cache(config.trainer.compile_cache)
     xla_options.set_cpu_compile(config.trainer.cpu_compile)
     sets = dict(config.data.val)
     for item in args.data:

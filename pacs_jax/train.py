@@ -118,6 +118,8 @@ class StopRequest:
 def train(config: Config) -> dict:
     """Run (or resume) training; returns paths of what it wrote."""
     t, r = config.trainer, config.rollout
+    xla_options.set_compile_cache(t.compile_cache)  # before anything compiles
+    xla_options.set_cpu_compile(t.cpu_compile)
     # Logs are written locally; a gs:// run directory gets copies of them at every checkpoint.
     run_dir = local_run_dir(t.run_dir)
     main = sharding.is_main_process()
@@ -131,7 +133,6 @@ def train(config: Config) -> dict:
     if config.sft.steps and any(not e.solution for e in train_examples):
         raise ConfigError(f"sft.steps={config.sft.steps} needs reference solutions, which {config.data.train} does not provide")
     policy = load_policy(config, tokenizer)
-    xla_options.set_cpu_compile(t.cpu_compile)
     mesh = sharding.make_mesh(config.mesh)
     sharding.validate_mesh_for_model(
         mesh, policy.config, t.prompts_per_step, r.group_size, mini_batches=t.mini_batches, micro_batches=t.micro_batches

@@ -13,12 +13,16 @@ The options are chosen when a program is first called, by the backend in use the
 import: a multi-host job initialises jax.distributed before any backend exists), or by
 `target(...)` for programs compiled for another backend (`python -m pacs_jax compile` lowers
 TPU programs on a CPU host).
+
+`set_compile_cache` (`trainer.compile_cache`) turns on JAX's persistent compilation cache, so a
+later run with the same shapes reads its programs back instead of compiling them again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -34,6 +38,16 @@ CPU_COMPILE_MODES = ("fast", "full")
 
 _cpu_compile = "fast"
 _target: str | None = None
+
+
+def set_compile_cache(path: str) -> None:
+    """`trainer.compile_cache`: JAX's persistent compilation cache in `path` ("" = off; "~"
+    expands). Takes effect only before the process's first compile: JAX reads it once, then."""
+    if not path:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path if "://" in path else os.path.expanduser(path))
 
 
 def set_cpu_compile(mode: str) -> None:

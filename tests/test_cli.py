@@ -3,6 +3,7 @@ HF <-> Orbax, eval writes pass@k reports for a training checkpoint."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,21 @@ def test_cpu_default_leaves_a_platform_the_user_chose_or_a_tpu_vm_alone(monkeypa
     accelerator = Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("accel*"))
     assert pacs_jax.default_to_cpu_without_accelerator() is not accelerator
     assert os.environ.get("JAX_PLATFORMS") == (None if accelerator else "cpu")
+
+
+def test_a_rerun_reads_its_programs_from_the_compile_cache(tmp_path):
+    """trainer.compile_cache: the first run writes its programs there, a second run of the same
+    config (a rerun, a resume, a sweep point) reads the rollout and the update back."""
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_LOG_COMPILES": "1"}  # jax then logs each persistent-cache hit
+    args = ("train", "--config", "/dev/null", *TINY, "trainer.total_steps=1", f"trainer.compile_cache={cache}")
+    first = subprocess.run([sys.executable, "-m", "pacs_jax", *args, f"trainer.run_dir={tmp_path / 'a'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Persistent compilation cache hit" not in first.stderr and any(cache.iterdir())
+    second = subprocess.run([sys.executable, "-m", "pacs_jax", *args, f"trainer.run_dir={tmp_path / 'b'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    hits = set(re.findall(r"Persistent compilation cache hit for '(\w+)'", second.stderr))
+    # The rollout is the compacting engine's programs on CPU (pacs_jax/compact.py), then the update.
+    assert {"jit__start", "jit__decode", "jit__finish", "jit_update"} <= hits, second.stderr[-3000:]
