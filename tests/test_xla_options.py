@@ -2,6 +2,8 @@
 sliced at traced indices (llama.layer_index): what each backend gets, that this jaxlib accepts
 the CPU options, and that neither changes a number beyond float32 rounding."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,31 @@ from pacs_jax.models.llama import layer_index, unstack_tree
 def default_mode():
     yield
     xla_options.set_cpu_compile("fast")
+
+
+def test_compile_cache_settings(monkeypatch):
+    """trainer.compile_cache: the path ("~" expanded), JAX's cache on, programs of 0.2 s or more
+    written (unless the user's environment says otherwise); "" turns the cache off. (A second run
+    reading its programs back: tests/test_cli.py.)"""
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    try:
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        xla_options.set_compile_cache("~/somewhere/xla")
+        assert jax.config.jax_enable_compilation_cache
+        assert jax.config.jax_compilation_cache_dir == str(Path.home() / "somewhere" / "xla")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.2
+        xla_options.set_compile_cache("gs://bucket/xla")
+        assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "3")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 3.0)
+        xla_options.set_compile_cache("/tmp/xla")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 3.0
+        xla_options.set_compile_cache("")
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
 
 
 def test_options_per_backend_and_mode():
