@@ -75,7 +75,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     # Decode in this many segments, each attending only to the cache slots written by its end
     # (1 = every step reads the whole cache; more segments = less attention traffic, longer compile),
-    # fewer where a segment would be shorter than 32 steps (SamplingParams.min_segment_steps).
+    # fewer where a segment would be shorter than 64 steps (SamplingParams.min_segment_steps).
     decode_segments: int = 4
     # How decode runs the layers: "scan" over the stacked weights, "unrolled" over per-layer copies
     # (faster on XLA CPU; doubles the weights' memory while sampling), "auto" = unrolled on CPU only.

@@ -44,9 +44,10 @@ class SamplingParams:
     # written by its end, not to the whole cache (1 = one loop over every slot).
     decode_segments: int = 4
     # ... but no segment shorter than this many steps: each segment is its own compiled copy of
-    # the decode loop (on CPU about 0.6 s more compile each for a 4-layer 0.85M model, bench.step),
-    # and a short segment skips too few slots to repay it. 1 = exactly decode_segments.
-    min_segment_steps: int = 32
+    # the decode loop, and a short segment skips too few slots to repay it (bench.step, 64 new
+    # tokens, 4-layer 0.85M model on CPU: two 32-step segments instead of one saved 0.01 s per
+    # rollout of 0.17 s and cost 0.6 s of a 5.6-6.3 s first step). 1 = exactly decode_segments.
+    min_segment_steps: int = 64
     # How a decode step runs the layers: "scan" (over the stacked weights, as training does) or
     # "unrolled" (over per-layer copies of the weights and a per-layer cache: faster on XLA CPU,
     # which copies each layer out of the stacks per step; on TPU it would double the weights'

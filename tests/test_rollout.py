@@ -285,8 +285,9 @@ def test_segment_ends_cover_every_step_once():
     assert SamplingParams(10, decode_segments=4, min_segment_steps=1).segment_ends() == [3, 5, 8, 10]
     assert SamplingParams(3, decode_segments=8, min_segment_steps=1).segment_ends() == [1, 2, 3]
     assert SamplingParams(7, decode_segments=1).segment_ends() == [7]
-    # By default no segment is shorter than 32 steps (each one is compiled on its own).
-    assert SamplingParams(64, decode_segments=4).segment_ends() == [32, 64]
+    # By default no segment is shorter than 64 steps (each one is compiled on its own).
+    assert SamplingParams(64, decode_segments=4).segment_ends() == [64]
+    assert SamplingParams(128, decode_segments=4).segment_ends() == [64, 128]
     assert SamplingParams(12, decode_segments=4).segment_ends() == [12]
     assert SamplingParams(4096, decode_segments=4).segment_ends() == [1024, 2048, 3072, 4096]
 
