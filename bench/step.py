@@ -6,6 +6,8 @@ runs on Tunix, so the two can be timed side by side in one session (see bench/RE
     python -m bench.step --no-shared-prompts   # every response row with its own prompt copy
     python -m bench.step --train-layers scan   # the training passes' layers scanned (TPU's default)
     python -m bench.step --cpu-compile full    # XLA's default compiler options (trainer.cpu_compile)
+    python -m bench.step --no-compile-ahead    # the passes compiled at their first call (compile_ahead)
+    python -m bench.step --min-segment-steps 32   # two 32-step decode loops, not one 64-step loop
 
 Workload (the Tunix script's defaults): a Qwen2-shaped random-init model (vocab 512, hidden 128,
 MLP 384, 4 layers, 4 heads, 2 KV heads, head_dim 32, tied embeddings, q/k/v biases, rope_theta
@@ -62,6 +64,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--mini-batches", type=int, default=1)
     parser.add_argument("--decode-layers", default="auto", choices=["auto", "scan", "unrolled"])
     parser.add_argument("--decode-segments", type=int, default=SamplingParams.decode_segments)
+    parser.add_argument("--min-segment-steps", type=int, default=SamplingParams.min_segment_steps,
+                        help="no decode segment shorter than this (32: two loops for 64 new tokens)")
     parser.add_argument("--train-layers", default="auto", choices=["auto", "scan", "unrolled"])
     parser.add_argument("--no-shared-prompts", dest="shared_prompts", action="store_false",
                         help="run every response row with its own copy of the prompt (trainer.shared_prompts=false)")
@@ -87,7 +91,7 @@ def main(argv=None) -> dict:
     graphdefs, state = init_train_state(init_decoder(config, seed=0), optimizer, with_critic=False)
     state = jax.device_put(state, sharding.train_state_shardings(state, mesh))
     sampling = SamplingParams(args.max_new, temperature=1.0, top_p=1.0, stop_ids=(), pad_id=0, decode_layers=args.decode_layers,
-                              decode_segments=args.decode_segments)
+                              decode_segments=args.decode_segments, min_segment_steps=args.min_segment_steps)
     micro = 1
     prompt_group = args.group_size if args.shared_prompts else 0
     prepare = make_prepare_fn(graphdefs, algorithm, chunks=args.mini_batches * micro, on_policy_chunks=micro, prompt_group=prompt_group)
@@ -139,7 +143,7 @@ def main(argv=None) -> dict:
         "workload": "../shared/bench/tunix_grpo_bench.py defaults",
         "params": int(sum(x.size for x in jax.tree.leaves(state.params["policy"]))),
         "devices": len(jax.devices()), "mini_batches": args.mini_batches, "decode_layers": args.decode_layers,
-        "decode_segments": args.decode_segments, "train_layers": args.train_layers, "shared_prompts": args.shared_prompts,
+        "decode_segments": args.decode_segments, "min_segment_steps": args.min_segment_steps, "train_layers": args.train_layers, "shared_prompts": args.shared_prompts,
         "cpu_compile": args.cpu_compile, "compile_ahead": args.compile_ahead,
         "first_step_s": records[0]["step"], "second_step_s": records[1]["step"] if len(records) > 1 else None,
         **summary, "reward_mean_per_step": rewards_seen, "params_changed": bool(np.any(before != after)),
