@@ -32,8 +32,8 @@ log = logging.getLogger("pacs_jax")
 
 def batch_arrays(arrays: Mapping[str, jax.Array], mesh) -> dict[str, jax.Array]:
     """The arrays with the batch sharding (`sharding.batch_sharding`): rows over data x fsdp.
-    The rollout's outputs are already laid out that way (equivalent shardings: no copy); the
-    sharding object itself is part of a compiled program's cache key."""
+    Arrays already laid out that way (the rollout's) keep their buffers; only the sharding
+    object changes, which is part of a compiled program's cache key."""
     return jax.device_put(dict(arrays), sharding.batch_sharding(mesh))
 
 

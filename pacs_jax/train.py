@@ -24,8 +24,8 @@ from etils import epath
 from flax import nnx
 
 from pacs_jax import sharding, xla_options
-from pacs_jax.compile_ahead import CompileAhead, batch_arrays
 from pacs_jax.checkpoint import Checkpointer
+from pacs_jax.compile_ahead import CompileAhead, batch_arrays
 from pacs_jax.config import Config, ConfigError, save_config, to_dict
 from pacs_jax.data import Example, PromptStream, build_examples, load_rows
 from pacs_jax.metrics_log import TENSORBOARD_DIR, WANDB_ID_FILE, MetricsLogger
@@ -238,10 +238,10 @@ def train(config: Config) -> dict:
                 scores = _to_host(rewards)
                 reward_s = time.perf_counter() - timer - rollout_s
 
-                state_valid = False  # the update donates the state
                 batch = batch_arrays({**rollout_arrays, **extras, "rewards": rewards, "sampler_logprobs": rollout.logprobs}, mesh)
                 if ahead is not None:
                     ahead.wait_update()
+                state_valid = False  # the update donates the state
                 state, update_metrics = update(state, batch)
                 update_metrics = jax.device_get(update_metrics)
                 state_valid = True
