@@ -65,7 +65,7 @@ def _generate(args) -> int:
 
     from pacs_jax.models import from_pretrained
     from pacs_jax.models.tokenizer import load_tokenizer
-    from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+    from pacs_jax.sampler import SamplingParams, generate, pad_prompts
 
     tokenizer = load_tokenizer(args.tokenizer or args.model, args.chat_template or "")
     model = from_pretrained(args.model, dtype=args.dtype)
@@ -177,10 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     from pacs_jax.models import ModelLoadError
     from pacs_jax.models.tokenizer import TokenizerError
 
+    from pacs_jax.gcs import TRANSIENT_EXIT_STATUS, TransientIOError
+
     try:
         return args.func(args)
+    except TransientIOError as error:
+        # Not the config's fault (a 503 that outlasted its retries): a status of its own, on which
+        # launch/spot_loop.sh starts the run again, where 2 stops it.
+        logging.getLogger("pacs_jax").debug("transient I/O error", exc_info=True)
+        print(f"error: {error}\n(a passing I/O failure: exit status {TRANSIENT_EXIT_STATUS}; starting again may succeed)",
+              file=sys.stderr)
+        return TRANSIENT_EXIT_STATUS
     except (ConfigError, DataError, ModelLoadError, TokenizerError, FileNotFoundError) as error:
-        # Bad input: one line saying what and where, not a traceback.
+        # Bad input (exit status 2, and only for that): one line saying what and where, not a traceback.
         logging.getLogger("pacs_jax").debug("bad input", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -119,15 +119,34 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
             f"data source {name!r} is not a file (expected {' / '.join(FILE_SUFFIXES)}) and the Hugging Face "
             f"`datasets` package is not installed; `pip install datasets` or export the data to .jsonl"
         ) from None
-    try:
-        # Honours HF_DATASETS_OFFLINE / HF_HUB_OFFLINE: with them set, only the local cache is read.
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise DataError(
-            f"cannot load Hugging Face dataset {name!r} split {split!r} (data.split): {type(e).__name__}: {e}"
-        ) from e
+    from pacs_jax.gcs import TransientIOError, with_retries
+
+    def load():
+        try:
+            # Honours HF_DATASETS_OFFLINE / HF_HUB_OFFLINE: with them set, only the local cache is read.
+            return datasets.load_dataset(name, split=split)
+        except Exception as e:
+            if _transient_hub_error(e):  # a 503, a timeout, a dropped connection: tried again
+                raise TransientIOError(f"{type(e).__name__}: {e}") from e
+            raise DataError(
+                f"cannot load Hugging Face dataset {name!r} split {split!r} (data.split): {type(e).__name__}: {e}"
+            ) from e
+
+    dataset = with_retries(load, f"downloading Hugging Face dataset {name!r}")
     for index, row in enumerate(dataset, start=1):
         yield f"{name}[{split}] row {index}", row
+
+
+def _transient_hub_error(error: Exception) -> bool:
+    """A download failure that may pass: HTTP 408 / 429 / 5xx, a timeout or a lost connection
+    (requests' and httpx's exception names), not a missing or private dataset."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status in (408, 429) or status >= 500
+    if isinstance(error, FileNotFoundError):
+        return False
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        word in type(error).__name__ for word in ("Connect", "Timeout"))
 
 
 def _detect_format(row: dict, data_config) -> str:

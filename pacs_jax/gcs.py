@@ -7,6 +7,12 @@ which every TPU VM image has) into the cache folder $PACS_JAX_CACHE/gcs/BUCKET/P
 ~/.cache/pacs_jax) and returns the config with the local paths. A finished copy is marked by
 PATH.complete and never fetched again on that machine; an interrupted one is started over. The
 processes of one machine take turns through a lock file, so they copy once between them.
+
+A copy that fails for a passing reason (a 503 from the bucket, a dropped connection) is tried
+again with backoff (`with_retries`; data.py does the same for Hugging Face dataset downloads);
+one that outlasts its tries raises TransientIOError, which the CLI reports with exit status 75
+(EX_TEMPFAIL), not 2: launch/spot_loop.sh starts such a run again, but stops on a config error.
+A failure that no retry can fix (no such object, no permission) is a ConfigError at once.
 """
 
 from __future__ import annotations
@@ -16,12 +22,56 @@ import fcntl
 import logging
 import os
 import shutil
+import re
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from pacs_jax.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Exit status of a run stopped by an I/O error that outlasted its retries (sysexits' EX_TEMPFAIL):
+# "try again later", where 2 means "fix the config".
+TRANSIENT_EXIT_STATUS = 75
+
+
+class TransientIOError(OSError):
+    """An I/O error that may pass (a 503, a dropped connection) and outlasted its retries."""
+
+
+def retry_settings() -> tuple[int, float]:
+    """(tries, first pause in seconds): $PACS_JAX_IO_TRIES (default 8) and
+    $PACS_JAX_IO_RETRY_SECONDS (default 5; the pause doubles each time, up to 5 minutes: about
+    10 minutes in all)."""
+    return int(os.environ.get("PACS_JAX_IO_TRIES", "8")), float(os.environ.get("PACS_JAX_IO_RETRY_SECONDS", "5"))
+
+
+def with_retries(attempt: Callable[[], T], what: str) -> T:
+    """attempt() until it returns. It raises TransientIOError (with the reason) for a failure
+    worth another try; anything else it raises goes straight to the caller. After the last try
+    the TransientIOError goes to the caller too."""
+    tries, pause = retry_settings()
+    for number in range(1, max(tries, 1) + 1):
+        try:
+            return attempt()
+        except TransientIOError as error:
+            if number >= tries:
+                raise TransientIOError(f"{what} failed {number} times; the last error: {error}") from error
+            logger.warning("%s failed (%s); try %d of %d in %.0f s", what, error, number + 1, tries, pause)
+            print(f"{what} failed ({str(error)[-300:]}); trying again in {pause:.0f} s", flush=True)
+            time.sleep(pause)
+            pause = min(2 * pause, 300.0)
+    raise AssertionError("unreachable")
+
+
+# gcloud storage failures no retry fixes: the object is not there, or this machine may not read it.
+_PERMANENT_COPY_ERROR = re.compile(
+    r"matched no objects|HTTPError 40[134]|\b40[134]\b.*(Forbidden|Not Found|Unauthorized)|NotFound|AccessDenied|"
+    r"does not have storage\.|Permission .* denied|Invalid bucket name|InvalidArgument", re.IGNORECASE)
 
 
 def cache_root() -> Path:
@@ -49,18 +99,27 @@ def local_copy(url: str, key: str) -> Path:
                 "elsewhere install the Google Cloud CLI), or give a local path"
             )
         partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
         logger.info("%s: copying to %s (once per machine)", url, dest)
         print(f"copying {url} to {dest} (once per machine) ...", flush=True)
-        copied = subprocess.run([gcloud, "storage", "cp", "-r", url.rstrip("/"), str(partial) + "/"],
-                                capture_output=True, text=True)
-        if copied.returncode != 0:
-            raise ConfigError(
-                f"{key}={url}: copying it failed (gcloud storage cp exited {copied.returncode}): "
-                f"{copied.stderr.strip()[-2000:]}\nCheck the path (gcloud storage ls {url}) and that this "
-                "machine's service account can read the bucket (roles/storage.objectViewer)"
-            )
+
+        def copy() -> None:
+            shutil.rmtree(partial, ignore_errors=True)  # what a failed try left
+            partial.mkdir()
+            copied = subprocess.run([gcloud, "storage", "cp", "-r", url.rstrip("/"), str(partial) + "/"],
+                                    capture_output=True, text=True)
+            if copied.returncode == 0:
+                return
+            error = copied.stderr.strip()[-2000:]
+            if _PERMANENT_COPY_ERROR.search(error):
+                raise ConfigError(
+                    f"{key}={url}: copying it failed (gcloud storage cp exited {copied.returncode}): "
+                    f"{error}\nCheck the path (gcloud storage ls {url}) and that this "
+                    "machine's service account can read the bucket (roles/storage.objectViewer)"
+                )
+            # Anything else (a 503 or 429 from the bucket, a dropped connection) may pass.
+            raise TransientIOError(f"gcloud storage cp exited {copied.returncode}: {error}")
+
+        with_retries(copy, f"copying {key}={url}")
         [item] = list(partial.iterdir())
         if dest.is_dir():
             shutil.rmtree(dest)
