@@ -83,7 +83,7 @@ def aggregate_loss(
                              Dr. GRPO) when it is 0. verl's agg_loss sums over the micro-batch's
                              responses instead and its accumulation divides by the number of
                              micro-batches, so verl's loss is ours with D = T / (its micro-batch
-                             size per GPU); the paper configs set D so (README).
+                             size per GPU); the paper configs set D so (docs/algorithms.md).
 
     `num_tokens` replaces token-mean's divisor. The update passes the mini-batch's real-token
     count / the number of micro-batches, so the mean of the micro-batch losses is the
