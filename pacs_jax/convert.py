@@ -54,7 +54,7 @@ def orbax_to_hf(orbax_dir: str | Path, out_dir: str | Path, dtype: str = "float3
 def run_to_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     from pacs_jax.config import load_config
     from pacs_jax.models import save_pretrained
-    from pacs_jax.train import restore_policy
+    from pacs_jax.policy import restore_policy
 
     run = Path(run_dir)
     config = load_config(run / "config.yaml")

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pacs_jax.evaluate import evaluate
     from pacs_jax.models.tokenizer import load_tokenizer
     from pacs_jax.rewards.pool import VerifierPool
-    from pacs_jax.train import load_examples, load_policy, make_sample_fn, restore_policy
+    from pacs_jax.policy import load_examples, load_policy, make_sample_fn, restore_policy
 
     overrides = list(args.overrides)
     if args.model:

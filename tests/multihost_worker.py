@@ -146,7 +146,9 @@ def train_summary(run_dir: str, stops: list[int]) -> dict:
 
     from pacs_jax import sharding
     from pacs_jax.checkpoint import Checkpointer
-    from pacs_jax.train import load_policy, load_tokenizer, train
+    from pacs_jax.models.tokenizer import load_tokenizer
+    from pacs_jax.policy import load_policy
+    from pacs_jax.train import train
     from pacs_jax.update import init_train_state, make_train_optimizer
 
     for total_steps in stops:

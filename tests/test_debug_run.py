@@ -20,7 +20,8 @@ from pacs_jax.config import load_config
 from pacs_jax.models.tokenizer import load_tokenizer
 from pacs_jax.rewards.math import score as math_score
 from pacs_jax.rewards.pool import VerifierPool
-from pacs_jax.train import load_policy, restore_policy, train
+from pacs_jax.policy import load_policy, restore_policy
+from pacs_jax.train import train
 
 from conftest import build_tiny_hf_chat_folder  # noqa: E402
 

@@ -86,7 +86,7 @@ def test_remote_run_keeps_tensorboard_events_and_wandb_id(tmp_path, monkeypatch)
     """A gs:// run's local logs go to the bucket at each checkpoint and come back on a new VM:
     metrics, config, the W&B run id (so the same W&B run goes on) and the TensorBoard events.
     The bucket is a local folder here (epath on gs:// mapped onto it)."""
-    from pacs_jax import train
+    from pacs_jax import run_files
 
     bucket = tmp_path / "bucket"
 
@@ -96,29 +96,29 @@ def test_remote_run_keeps_tensorboard_events_and_wandb_id(tmp_path, monkeypatch)
             path = str(path)
             return bucket / path.removeprefix("gs://") if path.startswith("gs://") else Path(path)
 
-    monkeypatch.setattr(train, "epath", FakeEpath)
+    monkeypatch.setattr(run_files, "epath", FakeEpath)
     first_vm = tmp_path / "vm1"
     (first_vm / "tensorboard").mkdir(parents=True)
     (first_vm / "tensorboard" / "events.out.tfevents.1.vm1").write_bytes(b"\x00events")
     (first_vm / "metrics.jsonl").write_text('{"step": 1}\n')
     (first_vm / "config.yaml").write_text("trainer: {}\n")
     (first_vm / "wandb_run_id").write_text("abc123\n")
-    train._upload_logs(first_vm, "gs://b/runs/x", main=True)
+    run_files.upload_logs(first_vm, "gs://b/runs/x", main=True)
     assert (bucket / "b/runs/x/tensorboard/events.out.tfevents.1.vm1").read_bytes() == b"\x00events"
 
     second_vm = tmp_path / "vm2"  # the preempted VM is gone; the new one starts empty
     second_vm.mkdir()
-    train._download_logs("gs://b/runs/x", second_vm)
+    run_files.download_logs("gs://b/runs/x", second_vm)
     assert (second_vm / "wandb_run_id").read_text() == "abc123\n"
     assert (second_vm / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (second_vm / "tensorboard" / "events.out.tfevents.1.vm1").read_bytes() == b"\x00events"
     # Its own session's events join them at the next upload; nothing of the first is lost.
     (second_vm / "tensorboard" / "events.out.tfevents.2.vm2").write_bytes(b"more")
-    train._upload_logs(second_vm, "gs://b/runs/x", main=True)
+    run_files.upload_logs(second_vm, "gs://b/runs/x", main=True)
     assert sorted(p.name for p in (bucket / "b/runs/x/tensorboard").iterdir()) == [
         "events.out.tfevents.1.vm1", "events.out.tfevents.2.vm2"]
     # Other processes upload nothing.
-    train._upload_logs(second_vm, "gs://b/runs/y", main=False)
+    run_files.upload_logs(second_vm, "gs://b/runs/y", main=False)
     assert not (bucket / "b/runs/y").exists()
 
 

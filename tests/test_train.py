@@ -16,7 +16,8 @@ import pytest
 
 from pacs_jax.checkpoint import Checkpointer
 from pacs_jax.config import ConfigError, load_config
-from pacs_jax.train import restore_policy, train
+from pacs_jax.policy import restore_policy
+from pacs_jax.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
