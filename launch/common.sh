@@ -13,6 +13,21 @@ REMOTE_CODE='$HOME/pacs_jax'        # the synced working tree
 REMOTE_VENV='$HOME/pacs_venv'       # Python 3.11 venv (TPU images ship Python 3.10)
 REMOTE_WORKER="bash $REMOTE_CODE/launch/tpu_worker.sh"
 REMOTE_PYTHON_VERSION=3.11
+# Installed on the workers only for a run that logs to Weights & Biases (setup_tpu.sh --with-wandb).
+WANDB_REQUIREMENT=wandb==0.31.0
+
+# Whether a config file or key=value overrides turn trainer.wandb on (a look at the YAML text, so
+# that this machine needs no Python packages): wants_wandb CONFIG [OVERRIDE...]
+wants_wandb() {
+  local config=$1 override on=1
+  shift
+  [[ -f $REPO_ROOT/$config ]] && grep -Eq '^[[:space:]]+wandb:[[:space:]]*(true|True|yes|on)\b' "$REPO_ROOT/$config" && on=0
+  for override in "$@"; do
+    [[ $override =~ ^trainer\.wandb=(true|True|yes|on|1)$ ]] && on=0
+    [[ $override =~ ^trainer\.wandb=(false|False|no|off|0)$ ]] && on=1
+  done
+  return $on
+}
 
 DRY_RUN=0
 PROJECT_FLAG=""

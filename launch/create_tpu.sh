@@ -12,7 +12,7 @@ Usage: launch/create_tpu.sh --name NAME --type TYPE [--zone ZONE] [--project PRO
                             [--reserved] [--network NET] [--subnetwork SUBNET] [--internal-ips]
                             [--service-account EMAIL] [--scopes SCOPES] [--labels K=V,...]
                             [--metadata K=V,...] [--tags TAG,...] [--gcloud-flag FLAG ...]
-                            [--wait-timeout SECONDS] [--dry-run]
+                            [--wait-timeout SECONDS] [--no-wait] [--dry-run]
 
   --name             TPU VM name (lower-case letters, digits, '-')
   --type             accelerator type: v5litepod-8 / v4-8 (one host), v5p-64 (8 hosts), ...
@@ -32,11 +32,12 @@ Usage: launch/create_tpu.sh --name NAME --type TYPE [--zone ZONE] [--project PRO
   --gcloud-flag      any other create flag, passed as it is (repeatable), e.g.
                      --gcloud-flag=--boot-disk=size=200GB
   --wait-timeout     queued mode: give up waiting for READY after this many seconds (default 86400)
+  --no-wait          queued mode: return once the request is queued (spot_loop.sh watches it itself)
   --dry-run          print the gcloud commands (one per line, prefixed "+ ") instead of running them
 EOF
 }
 
-NAME="" TYPE="" RUNTIME="" SPOT=0 QUEUED=0 WAIT_TIMEOUT=86400 SCOPES=""
+NAME="" TYPE="" RUNTIME="" SPOT=0 QUEUED=0 WAIT_TIMEOUT=86400 SCOPES="" WAIT=1
 EXTRA=()
 while (($#)); do
   case $1 in
@@ -56,6 +57,7 @@ while (($#)); do
       EXTRA+=("$2"); shift 2 ;;
     --spot) SPOT=1; shift ;;
     --queued) QUEUED=1; shift ;;
+    --no-wait) WAIT=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -89,6 +91,10 @@ fi
 run gcloud compute tpus queued-resources create "$NAME" "${GCLOUD_WHERE[@]}" --node-id="$NAME" \
   --accelerator-type="$TYPE" --runtime-version="$RUNTIME" ${SPOT_FLAG[@]+"${SPOT_FLAG[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
 
+if ((!WAIT)); then
+  note "$NAME is queued; watch it with launch/watch_tpu.sh --name $NAME --queued"
+  exit 0
+fi
 if ((DRY_RUN)); then
   queued_state "$NAME" >/dev/null
   tpu_state "$NAME" >/dev/null

@@ -9,7 +9,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
-Usage: launch/setup_tpu.sh --name NAME [--zone ZONE] [--project PROJECT] [--setup-command CMD] [--dry-run]
+Usage: launch/setup_tpu.sh --name NAME [--zone ZONE] [--project PROJECT] [--setup-command CMD]
+                           [--with-wandb] [--dry-run]
 
 Runs on all workers at once (--worker=all), so one host (v5litepod-8, v4-8) and many hosts
 (v5p-64: 8 workers) are set up alike. Re-running it re-syncs the code and re-installs (quick).
@@ -17,17 +18,20 @@ Runs on all workers at once (--worker=all), so one host (v5litepod-8, v4-8) and 
   --setup-command    a shell command run on every worker after the install, in the code folder with
                      the venv's python first on PATH (e.g. to fetch data the config names by a
                      local path); gs:// model.path / data paths need none (the trainer copies them)
+  --with-wandb       also install wandb (for configs with trainer.wandb: true; spot_loop.sh and
+                     paper_recipe.sh pass it when the config or an override turns wandb on)
   --dry-run          print the gcloud commands (one per line, prefixed "+ ") instead of running them
 EOF
 }
 
-NAME="" SETUP_COMMAND=""
+NAME="" SETUP_COMMAND="" WANDB=0
 while (($#)); do
   case $1 in
     --name) need_value "$@"; NAME=$2; shift 2 ;;
     --zone) need_value "$@"; ZONE_FLAG=$2; shift 2 ;;
     --project) need_value "$@"; PROJECT_FLAG=$2; shift 2 ;;
     --setup-command) need_value "$@"; SETUP_COMMAND=$2; shift 2 ;;
+    --with-wandb) WANDB=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -47,6 +51,7 @@ command -v uv >/dev/null || python3 -m pip install -q --user uv \
 $REMOTE_VENV/bin/python -m pip install -q -U pip; \
 $REMOTE_VENV/bin/python -m pip install -q -c constraints.txt -e '.[tpu]'; \
 $REMOTE_VENV/bin/python -m pip install -q -r launch/requirements-worker.txt; \
+$(if ((WANDB)); then echo "$REMOTE_VENV/bin/python -m pip install -q $WANDB_REQUIREMENT; "; fi)\
 $REMOTE_VENV/bin/python -c 'import jax, gcsfs, pacs_jax; print(\"jax\", jax.__version__, \"ok\")'"
 if [[ -n $SETUP_COMMAND ]]; then
   install+="; cd $REMOTE_CODE; PATH=$REMOTE_VENV/bin:\$PATH; $SETUP_COMMAND"

@@ -10,8 +10,8 @@ usage() {
   cat <<'EOF'
 Usage: launch/train_tpu.sh --name NAME --config CFG [--zone ZONE] [--project PROJECT]
                            [--run-dir gs://BUCKET/runs/RUN] [--no-sync] [--detach]
-                           [--stop-grace SECONDS] [--dry-run]
-                           [--] [key=value ...]
+                           [--stop-grace SECONDS] [--env KEY=VALUE ...] [--env-file FILE]
+                           [--dry-run] [--] [key=value ...]
 
   --config     training config, a path inside this repository (it is copied to the workers)
   --run-dir    sets trainer.run_dir; use gs://... so metrics and checkpoints outlive the VM
@@ -19,6 +19,11 @@ Usage: launch/train_tpu.sh --name NAME --config CFG [--zone ZONE] [--project PRO
   --detach     return once training has started instead of streaming worker 0's log
   --stop-grace a run already going on the VM is stopped first: SIGTERM, then this many seconds
                to finish its step and save before SIGKILL (default 600)
+  --env        an environment variable for the trainer on every worker (repeatable), e.g.
+               --env LIBTPU_INIT_ARGS=--xla_tpu_enable_latency_hiding_scheduler=true. It shows in
+               the ssh command line: put secrets in --env-file
+  --env-file   a file of KEY=VALUE lines (WANDB_API_KEY=..., HF_TOKEN=...) copied to every worker
+               (~/.pacs_jax_env, readable by its owner only) and exported to the trainer
   --dry-run    print the gcloud commands (one per line, prefixed "+ ") instead of running them
   key=value    config overrides, passed to the trainer (e.g. algorithm.beta=2.0)
 
@@ -27,8 +32,9 @@ launch/watch_tpu.sh --name NAME. Starting again stops the previous run on that V
 EOF
 }
 
-NAME="" CONFIG="" RUN_DIR="" SYNC=1 DETACH=0 STOP_GRACE=600
+NAME="" CONFIG="" RUN_DIR="" SYNC=1 DETACH=0 STOP_GRACE=${PACS_JAX_STOP_GRACE:-600} ENV_FILE=""
 OVERRIDES=()
+ENVS=()
 while (($#)); do
   case $1 in
     --name) need_value "$@"; NAME=$2; shift 2 ;;
@@ -39,6 +45,8 @@ while (($#)); do
     --no-sync) SYNC=0; shift ;;
     --detach) DETACH=1; shift ;;
     --stop-grace) need_value "$@"; STOP_GRACE=$2; shift 2 ;;
+    --env) need_value "$@"; ENVS+=("$2"); shift 2 ;;
+    --env-file) need_value "$@"; ENV_FILE=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; OVERRIDES+=("$@"); break ;;
@@ -54,6 +62,20 @@ for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
 done
 [[ $STOP_GRACE =~ ^[0-9]+$ ]] || die "--stop-grace must be a number of seconds, got '$STOP_GRACE'"
 [[ -z $RUN_DIR ]] || OVERRIDES+=("trainer.run_dir=$RUN_DIR")
+for env in ${ENVS[@]+"${ENVS[@]}"}; do
+  [[ $env =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$env' must look like KEY=VALUE (e.g. --env HF_TOKEN=hf_...)"
+done
+if [[ -n $ENV_FILE ]]; then
+  [[ -f $ENV_FILE ]] || ((DRY_RUN)) || die "--env-file $ENV_FILE: no such file"
+  [[ ! -f $ENV_FILE ]] || ! grep -vE '^[[:space:]]*(#|$)|^(export[[:space:]]+)?[A-Za-z_][A-Za-z0-9_]*=' "$ENV_FILE" >/dev/null ||
+    die "--env-file $ENV_FILE: every line must be KEY=VALUE (or a # comment); this one is not: \
+$(grep -vE '^[[:space:]]*(#|$)|^(export[[:space:]]+)?[A-Za-z_][A-Za-z0-9_]*=' "$ENV_FILE" | head -n 1 | cut -c1-40)"
+fi
+# The run's directory (the last trainer.run_dir given): the workers copy their logs there.
+TRAIN_RUN_DIR=""
+for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
+  [[ $override == trainer.run_dir=* ]] && TRAIN_RUN_DIR=${override#trainer.run_dir=}
+done
 require_cloud
 
 # The sync stops the run going on there first (gracefully), as `start` does.
@@ -61,9 +83,19 @@ require_cloud
 
 # printf %q quotes each argument for the worker's bash, so values with spaces survive ssh.
 train_args="$(printf ' %q' --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"})"
+worker_env="PACS_JAX_STOP_GRACE=$STOP_GRACE"
+[[ -z $TRAIN_RUN_DIR ]] || worker_env+="$(printf ' %q' "PACS_JAX_RUN_DIR=$TRAIN_RUN_DIR")"
+if [[ -n $ENV_FILE ]]; then
+  # Copied, not put on the command line: the values (tokens) stay out of ssh and ps.
+  run gcloud compute tpus tpu-vm scp "$ENV_FILE" "$NAME:.pacs_jax_env" --worker=all "${GCLOUD_WHERE[@]}"
+  run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_WHERE[@]}" --command="chmod 600 \$HOME/.pacs_jax_env"
+  # shellcheck disable=SC2016
+  worker_env+=' PACS_JAX_ENV_FILE=$HOME/.pacs_jax_env'
+fi
+[[ ${#ENVS[@]} -eq 0 ]] || worker_env+="$(printf ' %q' "${ENVS[@]}")"
 note "Starting training on every worker of $NAME ..."
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_WHERE[@]}" \
-  --command="PACS_JAX_STOP_GRACE=$STOP_GRACE $REMOTE_WORKER start $REMOTE_VENV/bin/python -m pacs_jax train$train_args"
+  --command="$worker_env $REMOTE_WORKER start $REMOTE_VENV/bin/python -m pacs_jax train$train_args"
 
 if ((DETACH)); then
   note "Training runs in the background; watch it with launch/watch_tpu.sh --name $NAME"

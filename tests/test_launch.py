@@ -193,9 +193,10 @@ def test_train_multi_host_starts_on_all_workers_and_streams_worker_0(env):
     assert len(start) == 1 and "--worker=all" in start[0]
     # Split as the worker's bash will: the override with spaces stays one argument.
     argv = shlex.split(remote_command(start[0]))
-    assert argv[:5] == ["PACS_JAX_STOP_GRACE=600", "bash", "$HOME/pacs_jax/launch/tpu_worker.sh", "start",
-                        "$HOME/pacs_venv/bin/python"]
-    assert argv[5:] == ["-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml", "algorithm.beta=2.0",
+    # The worker is told the run's directory: it copies its log there.
+    assert argv[:6] == ["PACS_JAX_STOP_GRACE=600", "PACS_JAX_RUN_DIR=gs://bucket/runs/beta2", "bash",
+                        "$HOME/pacs_jax/launch/tpu_worker.sh", "start", "$HOME/pacs_venv/bin/python"]
+    assert argv[6:] == ["-m", "pacs_jax", "train", "--config", "configs/debug_cpu.yaml", "algorithm.beta=2.0",
                         "data.instruction= Think step by step.", "trainer.run_dir=gs://bucket/runs/beta2"]
     follow = ssh[-1]
     assert "--worker=0" in follow and remote_command(follow).endswith("tpu_worker.sh follow")
@@ -375,9 +376,12 @@ def test_tpu_worker_start_follow_status_stop(env, tmp_path):
 FAKE_GCLOUD = r'''#!/usr/bin/env bash
 # A stand-in for gcloud: records every call (one per line, arguments separated by a tab) in
 # $FAKE/calls and answers from queues in $FAKE: tpu_states and queued_states for describe (a
-# state, ERROR for a failure, NOT_FOUND), done for `storage ls` (yes / no), status for the
-# worker status over ssh, tail for the log's end; a queue's last line is repeated once it is the
-# only one left. $FAKE/fail_create makes create fail.
+# state, ERROR for a failure, NOT_FOUND; STATE@sleepN answers after N seconds), done for
+# `storage ls` (yes / no; or $FAKE/done_after_starts: yes once that many trainer starts were
+# made), status for the workers' reports (see report()), tail (or tail.N for worker N) for a log's
+# end; a queue's last line is repeated once it is the only one left. $FAKE/fail_create makes
+# create fail; $FAKE/create_failures holds how many creates fail (with $FAKE/create_error, by
+# default gcloud's stockout message) before they succeed.
 set -u
 (IFS=$'\t'; printf '%s\n' "$*") >> "$FAKE/calls"
 pop() {
@@ -390,19 +394,58 @@ pop() {
 describe() {
   local value
   value="$(pop "$1" NOT_FOUND)"
+  if [[ $value =~ ^(.*)@sleep([0-9]+)$ ]]; then sleep "${BASH_REMATCH[2]}"; value=${BASH_REMATCH[1]}; fi
   case $value in
     ERROR) echo "ERROR: (gcloud) There was a problem refreshing your current auth tokens" >&2; exit 1 ;;
-    NOT_FOUND) echo "ERROR: (gcloud) NOT_FOUND: Resource 'projects/p/locations/z/nodes/x' was not found" >&2; exit 1 ;;
+    NOT_FOUND) echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'projects/p/locations/z/nodes/x' was not found" >&2; exit 1 ;;
     *) echo "$value" ;;
   esac
 }
+# One report line per worker (tpu_worker.sh report) from the next entry of the status queue:
+# space-separated worker states (running, exited:RC, killed, none), each optionally STATE@ENDED
+# and ~IDLE, and steps=N (worker 0's metrics); one state alone stands for all $FAKE_HOSTS workers.
+report() {
+  local entry steps=- states=() token i
+  entry="$(pop status none)"
+  for token in $entry; do
+    if [[ $token == steps=* ]]; then steps=${token#steps=}; else states+=("$token"); fi
+  done
+  if (( ${#states[@]} == 1 )); then
+    for ((i = 1; i < ${FAKE_HOSTS:-8}; i++)); do states+=("${states[0]}"); done
+  fi
+  for i in "${!states[@]}"; do
+    local state=${states[i]} ended=- idle=5
+    [[ $state == *~* ]] && idle=${state#*~} && state=${state%~*}
+    [[ $state == *@* ]] && ended=${state#*@} && state=${state%@*}
+    [[ $state == exited:* && $ended == - ]] && ended=100
+    echo "pacs_worker $i $state $ended $idle $( ((i == 0)) && echo "$steps" || echo -)"
+  done
+}
+create() {
+  [[ -e $FAKE/fail_create ]] && { cat "$FAKE/fail_create" >&2; exit 1; }
+  local left
+  left="$(cat "$FAKE/create_failures" 2>/dev/null || echo 0)"
+  if (( left > 0 )); then
+    echo $((left - 1)) > "$FAKE/create_failures"
+    if [[ -s $FAKE/create_error ]]; then cat "$FAKE/create_error" >&2; else
+      echo "ERROR: (gcloud.compute.tpus.tpu-vm.create) {\"code\": 8, \"message\": \"There is no more capacity in the zone \\\"us-west4-a\\\"; you can try in another zone where Cloud TPU Nodes are offered (see https://cloud.google.com/tpu/docs/regions) [EID: 0x1a2b3c]\"}" >&2
+    fi
+    exit 1
+  fi
+  exit 0
+}
+starts() { grep -c 'tpu_worker.sh start' "$FAKE/calls" || true; }
 case "$*" in
   "compute tpus tpu-vm describe"*) describe tpu_states ;;
   "compute tpus queued-resources describe"*) describe queued_states ;;
-  "compute tpus "*" create"*) [[ -e $FAKE/fail_create ]] && exit 1; exit 0 ;;
-  "storage ls"*) [[ "$(pop done no)" == yes ]] && echo "$3" && exit 0; exit 1 ;;
-  "compute tpus tpu-vm ssh"*"tpu_worker.sh status"*) pop status none ;;
-  "compute tpus tpu-vm ssh"*"tpu_worker.sh tail"*) cat "$FAKE/tail" 2>/dev/null ;;
+  "compute tpus "*" create"*) create ;;
+  "storage ls"*)
+    if [[ -s $FAKE/done_after_starts ]]; then (( $(starts) >= $(cat "$FAKE/done_after_starts") )) && echo "$3" && exit 0; exit 1; fi
+    [[ "$(pop done no)" == yes ]] && echo "$3" && exit 0; exit 1 ;;
+  "compute tpus tpu-vm ssh"*"tpu_worker.sh report"*) report ;;
+  "compute tpus tpu-vm ssh"*"tpu_worker.sh tail"*)
+    worker="$(grep -o -- '--worker=[0-9a-z]*' <<<"$*" | head -n 1)"; worker=${worker#--worker=}
+    cat "$FAKE/tail.$worker" 2>/dev/null || cat "$FAKE/tail" 2>/dev/null ;;
   "config get-value"*) exit 0 ;;
   *) exit 0 ;;
 esac
@@ -419,7 +462,9 @@ def fake(env, tmp_path):
     gcloud.chmod(0o755)
     (folder / "calls").write_text("")
     fake_env = {**env, "PATH": f"{folder / 'bin'}{os.pathsep}{env['PATH']}", "FAKE": str(folder),
-                "PACS_LAUNCH_RETRY_SECONDS": "0", "PACS_LAUNCH_POLL_SECONDS": "0"}
+                "PACS_LAUNCH_RETRY_SECONDS": "0", "PACS_LAUNCH_POLL_SECONDS": "0",
+                "PACS_LAUNCH_CREATE_RETRY_SECONDS": "0", "PACS_LAUNCH_SSH_TIMEOUT_SECONDS": "30",
+                "PACS_LAUNCH_KILL_GRACE_SECONDS": "0"}
     return fake_env, folder
 
 
@@ -461,7 +506,7 @@ def test_describe_errors_are_retried_not_taken_for_a_deleted_vm(fake):
     """A READY VM whose describe fails twice (a token refresh) is not recreated; the run goes on."""
     fake_env, folder = fake
     queue(folder, "tpu_states", "NOT_FOUND", "READY", "ERROR", "ERROR", "READY", "READY")
-    queue(folder, "status", "running 42", "running 42")
+    queue(folder, "status", "running", "running")
     queue(folder, "done", "no", "no", "no", "no", "yes")
     result = spot_loop(fake_env)
     assert result.returncode == 0, result.stderr
@@ -475,7 +520,7 @@ def test_describe_that_keeps_failing_waits_instead_of_acting(fake):
     fake_env, folder = fake
     # NOT_FOUND at the start, then created and READY, then 5 failed describes (UNKNOWN), then READY.
     queue(folder, "tpu_states", "NOT_FOUND", "READY", *["ERROR"] * 5, "READY")
-    queue(folder, "status", "running 42")
+    queue(folder, "status", "running")
     queue(folder, "done", "no", "no", "no", "no", "yes")
     result = spot_loop(fake_env)
     assert result.returncode == 0, result.stderr
@@ -488,7 +533,7 @@ def test_transient_states_are_waited_out(fake, transient):
     fake_env, folder = fake
     queue(folder, "tpu_states", "NOT_FOUND", "READY", transient, transient, "READY", "READY")
     # After the VM restarted, the run is gone ("killed"): started again, with no new VM or setup.
-    queue(folder, "status", "killed", "running 7")
+    queue(folder, "status", "killed", "running")
     queue(folder, "done", "no", "no", "no", "no", "no", "no", "yes")
     result = spot_loop(fake_env)
     assert result.returncode == 0, result.stderr
@@ -502,7 +547,7 @@ def test_queued_resource_waiting_for_capacity_is_not_requeued(fake):
     fake_env, folder = fake
     queue(folder, "queued_states", "NOT_FOUND", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE")
     queue(folder, "tpu_states", "READY")
-    queue(folder, "status", "running 1")
+    queue(folder, "status", "running")
     queue(folder, "done", "no", "no", "no", "no", "no", "yes")
     result = spot_loop(fake_env, "--queued")
     assert result.returncode == 0, result.stderr
@@ -514,11 +559,11 @@ def test_queued_resource_waiting_for_capacity_is_not_requeued(fake):
 def test_preempted_vm_is_recreated_and_resumed(fake):
     fake_env, folder = fake
     queue(folder, "tpu_states", "NOT_FOUND", "READY", "READY", "PREEMPTED", "READY")
-    queue(folder, "status", "running 1", "running 2")
+    queue(folder, "status", "running", "running")
     queue(folder, "done", "no", "no", "no", "no", "no", "no", "yes")
     result = spot_loop(fake_env)
     assert result.returncode == 0, result.stderr
-    assert "Restart 1/20 (VM PREEMPTED)" in result.stderr
+    assert "Restart 1/20 within 6h (VM PREEMPTED)" in result.stderr
     assert len(creates(folder)) == 2 and len(setups(folder)) == 2 and len(worker_starts(folder)) == 2
     # The preempted VM, then the finished one.
     assert len(deletes(folder)) == 2
@@ -529,7 +574,7 @@ def test_preempted_vm_is_recreated_and_resumed(fake):
 def test_graceful_stop_resumes_without_counting_a_crash(fake):
     fake_env, folder = fake
     queue(folder, "tpu_states", "NOT_FOUND", "READY")
-    queue(folder, "status", "exited 0", "exited 0", "running 3")
+    queue(folder, "status", "exited:0", "exited:0", "running")
     queue(folder, "done", *["no"] * 8, "yes")
     result = spot_loop(fake_env, "--max-crashes", "1")
     assert result.returncode == 0, result.stderr
@@ -540,7 +585,7 @@ def test_graceful_stop_resumes_without_counting_a_crash(fake):
 def test_repeated_identical_crash_stops_the_loop_with_the_log(fake):
     fake_env, folder = fake
     queue(folder, "tpu_states", "NOT_FOUND", "READY")
-    queue(folder, "status", "exited 1")
+    queue(folder, "status", "exited:1")
     queue(folder, "done", "no")
     (folder / "tail").write_text("step 3 ...\nRESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1G\n"
                                  "=== 2026-12-02T10:00:00Z exited with status 1\n")
@@ -556,7 +601,7 @@ def test_repeated_identical_crash_stops_the_loop_with_the_log(fake):
 def test_config_error_stops_at_once(fake):
     fake_env, folder = fake
     queue(folder, "tpu_states", "NOT_FOUND", "READY")
-    queue(folder, "status", "exited 2")
+    queue(folder, "status", "exited:2")
     queue(folder, "done", "no")
     (folder / "tail").write_text("error: trainer.prompts_per_step=30 must be divisible by ...\n")
     result = spot_loop(fake_env)
@@ -577,12 +622,29 @@ def test_loop_never_touches_a_vm_it_did_not_create(fake):
 def test_adopted_vm_is_used_and_replaced(fake):
     fake_env, folder = fake
     queue(folder, "tpu_states", "READY", "READY", "READY")
-    queue(folder, "status", "running 5")
+    queue(folder, "status", "none", "running")  # nothing runs there yet: set up and started
     queue(folder, "done", "no", "no", "no", "yes")
     result = spot_loop(fake_env, "--adopt", "--keep")
     assert result.returncode == 0, result.stderr
-    assert creates(folder) == [] and len(setups(folder)) == 1
+    assert creates(folder) == [] and len(setups(folder)) == 1 and len(worker_starts(folder)) == 1
     assert deletes(folder) == []  # --keep
+
+
+def test_adopting_a_running_trainer_leaves_it_running(fake):
+    """The loop was restarted (its machine rebooted) while the run went on: it watches the run
+    on every worker and neither syncs the code (which would stop it) nor starts it again."""
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "READY")
+    queue(folder, "status", "running steps=3", "running steps=4")
+    queue(folder, "done", "no", "no", "no", "yes")
+    result = spot_loop(fake_env, "--adopt")
+    assert result.returncode == 0, result.stderr
+    assert "left running (--adopt)" in result.stderr
+    ssh = calls(folder, "compute", "tpus", "tpu-vm", "ssh")
+    assert not any("sync" in c[-1] or "pip install" in c[-1] or "tpu_worker.sh start" in c[-1]
+                   or "tpu_worker.sh stop" in c[-1] for c in ssh)
+    assert any("tpu_worker.sh report" in c[-1] and "--worker=all" in c for c in ssh)
+    assert creates(folder) == [] and len(deletes(folder)) == 1  # done: the adopted VM goes
 
 
 def test_delete_asks_unless_yes(fake):
