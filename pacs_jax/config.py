@@ -133,18 +133,23 @@ class RewardConfig:
     timeout_s: float = 5.0
     batch_deadline_s: float = 300.0
     memory_limit_mb: int = 4096  # per verifier worker (address space); 0 = no limit
+    # DAPO's soft overlong punishment (pacs_jax/algorithms/overlong.py): a response longer than
+    # rollout.max_new_tokens - overlong_buffer tokens loses reward linearly, down to
+    # -overlong_penalty at max_new_tokens. 0 = off. Not for PACS (its rewards are 0/1 labels).
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass
 class AlgorithmConfig:
-    name: Literal["pacs", "grpo", "ppo", "rloo"] = "pacs"
+    name: Literal["pacs", "grpo", "gspo", "ppo", "rloo"] = "pacs"
     # PACS
     beta: float = 1.0
     reward_method: Literal["1", "2"] = "1"
     adv_estimator: Literal["rloo", "grpo", "naive"] = "rloo"
     norm_adv_by_std: bool = True
     weight_mode: Optional[Literal["question", "only_positive", "only_negative"]] = "question"
-    # GRPO / PPO
+    # GRPO / GSPO / PPO (GSPO's paper: 3e-4 / 4e-4, its ratio is a per-token geometric mean)
     clip_low: float = 0.2
     clip_high: float = 0.2
     # Dual-clip PPO (verl's actor.clip_ratio_c): where A < 0 the per-token loss is at most -A * clip_ratio_c.
@@ -156,6 +161,16 @@ class AlgorithmConfig:
     # seq-mean-token-sum-norm divides each response's token sum by this (0 = the padded response
     # length). verl's loss in this mode is ours with max_new_tokens / (its per-GPU micro-batch size).
     seq_norm_divisor: float = 0.0
+    # DAPO's overlong filter: responses that reached rollout.max_new_tokens without a stop token
+    # are left out of the loss (they still count in their group's advantages / baselines).
+    overlong_filter: bool = False
+    # Sampler/trainer mismatch correction (every algorithm; pacs_jax/algorithms/rollout_correction.py):
+    # importance weights rho = pi_old / pi_sampler per token ("token") or per response ("sequence",
+    # the product over its tokens). "tis": min(rho, cap) multiplies the loss; "mis": tokens or
+    # responses with rho outside [1 / cap, cap] leave the loss. "none": only logged (rollout_corr/k3_kl).
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    rollout_correction_cap: float = 2.0
+    rollout_correction_level: Literal["token", "sequence"] = "token"
     # PPO critic
     gamma: float = 1.0
     lam: float = 1.0
@@ -405,6 +420,72 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_rlvr_options(config: Config) -> None:
+    """GSPO, the rollout correction and DAPO's overlong shaping."""
+    a, reward, r = config.algorithm, config.reward, config.rollout
+    if a.name == "gspo":
+        _require(
+            a.loss_agg_mode == "seq-mean-token-mean",
+            f"algorithm.name=gspo needs algorithm.loss_agg_mode=seq-mean-token-mean (GSPO's objective is a mean "
+            f"over responses of one sequence-level term each, as verl's gspo loss), got {a.loss_agg_mode!r}",
+        )
+        _require(
+            a.kl_coef == 0,
+            f"algorithm.kl_coef={a.kl_coef} is not supported with algorithm.name=gspo (GSPO trains without a KL "
+            f"term); set algorithm.kl_coef=0",
+        )
+    _require(
+        a.rollout_correction_cap > 1,
+        f"algorithm.rollout_correction_cap must be > 1 (importance weights above it are capped (tis) or masked "
+        f"(mis); verl's default is 2.0), got {a.rollout_correction_cap}",
+    )
+    _require(
+        reward.overlong_buffer >= 0,
+        f"reward.overlong_buffer must be >= 0 (tokens before rollout.max_new_tokens where the overlong penalty "
+        f"starts; 0 = off), got {reward.overlong_buffer}",
+    )
+    _require(
+        reward.overlong_buffer < r.max_new_tokens,
+        f"reward.overlong_buffer={reward.overlong_buffer} must be less than rollout.max_new_tokens="
+        f"{r.max_new_tokens} (the penalty starts at max_new_tokens - overlong_buffer tokens)",
+    )
+    _require(
+        reward.overlong_penalty >= 0,
+        f"reward.overlong_penalty must be >= 0 (the reward taken away at rollout.max_new_tokens), got {reward.overlong_penalty}",
+    )
+    _require(
+        not (reward.overlong_buffer > 0 and a.name == "pacs"),
+        "reward.overlong_buffer > 0 shapes the reward, but PACS trains on 0/1 correctness labels; "
+        "set reward.overlong_buffer=0 and use algorithm.overlong_filter=true to leave truncated responses out of the loss",
+    )
+
+
+def _validate_reference(a: AlgorithmConfig) -> None:
+    """The v2 score's reference policy and its resets (pacs_jax/policy.py)."""
+    _require(
+        a.score_reference == "old" or a.name == "pacs",
+        f"algorithm.score_reference={a.score_reference!r} is a PACS option (the policy its score compares "
+        f"against); with algorithm.name={a.name} set algorithm.score_reference=old",
+    )
+    _require(
+        a.score_reference == "old" or a.reward_method == "1",
+        "algorithm.score_reference=reference needs algorithm.reward_method=\"1\" (the log-ratio score); "
+        "reward_method \"2\" scores log pi_theta alone and compares against no policy",
+    )
+    _require(
+        a.reference_reset_every >= 0,
+        f"algorithm.reference_reset_every must be >= 0 (RL steps between reference resets; 0 = never), "
+        f"got {a.reference_reset_every}",
+    )
+    has_reference = (a.name == "pacs" and a.score_reference == "reference") or (a.name == "grpo" and a.kl_coef > 0)
+    _require(
+        a.reference_reset_every == 0 or has_reference,
+        f"algorithm.reference_reset_every={a.reference_reset_every} resets a reference policy, which "
+        f"algorithm.name={a.name} does not have here: set algorithm.score_reference=reference (PACS, paper v2) "
+        f"or algorithm.kl_coef > 0 (GRPO), or algorithm.reference_reset_every=0",
+    )
+
+
 def validate(config: Config) -> None:
     """Checks that need no device and no files beyond the config itself."""
     t, r, a, o = config.trainer, config.rollout, config.algorithm, config.optimizer
@@ -455,14 +536,14 @@ def validate(config: Config) -> None:
     )
     _require(t.total_steps >= 0, f"trainer.total_steps must be >= 0, got {t.total_steps}")
     _require(t.save_every >= 0 and t.keep_last >= 1, "trainer.save_every must be >= 0 and trainer.keep_last >= 1")
-    needs_group = a.name in ("pacs", "rloo", "grpo")
+    needs_group = a.name in ("pacs", "rloo", "grpo", "gspo")
     if a.name == "rloo" or (a.name == "pacs" and a.adv_estimator == "rloo"):
         _require(
             r.group_size >= 2,
             f"rollout.group_size must be >= 2 for the rloo baseline (leave-one-out over the group), "
             f"got {r.group_size}; use algorithm.adv_estimator=naive for single responses",
         )
-    elif needs_group and a.name == "grpo" or (a.name == "pacs" and a.adv_estimator == "grpo"):
+    elif needs_group and a.name in ("grpo", "gspo") or (a.name == "pacs" and a.adv_estimator == "grpo"):
         _require(
             r.group_size >= 2,
             f"rollout.group_size must be >= 2 for group-normalised advantages, got {r.group_size}",
@@ -480,6 +561,7 @@ def validate(config: Config) -> None:
         f"algorithm.seq_norm_divisor must be >= 0 (0 = the padded response length), got {a.seq_norm_divisor}",
     )
     _require(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]")
+    _validate_rlvr_options(config)
     _require(o.lr >= 0, f"optimizer.lr must be >= 0, got {o.lr}")
     _require(o.grad_clip >= 0, f"optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}")
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")

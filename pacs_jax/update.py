@@ -23,7 +23,10 @@ import optax
 from flax import nnx
 
 from pacs_jax import xla_options
-from pacs_jax.algorithms import gae, grpo_loss, outcome_token_rewards, pacs_loss, ppo_policy_loss, rloo_loss, value_loss
+from pacs_jax.algorithms import (
+    gae, grpo_loss, gspo_loss, outcome_token_rewards, pacs_loss, ppo_policy_loss, rloo_loss, rollout_correction_weights,
+    value_loss,
+)
 from pacs_jax.algorithms.common import masked_mean
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models.llama import Decoder, indexed_layers, layer_index
@@ -209,57 +212,105 @@ def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: i
     prompt_group = group_size if shared_prompts else 0
     logprobs, entropy = batch_logprobs(policy, batch, temperature, with_entropy=True, group_size=prompt_group)
     mask = batch["response_mask"]
-    batch = {**batch, "old_logprobs": jnp.where(on_policy, jax.lax.stop_gradient(logprobs), batch["old_logprobs"])}
+    old_logprobs = jnp.where(on_policy, jax.lax.stop_gradient(logprobs), batch["old_logprobs"])
+    keep = _kept_responses(batch, algorithm)
+    loss_mask = _loss_mask(batch, algorithm)
+    token_weights, correction_metrics = None, {}
+    if "sampler_logprobs" in batch:
+        token_weights, correction_metrics = rollout_correction_weights(
+            old_logprobs, batch["sampler_logprobs"], mask, mode=algorithm.rollout_correction,
+            cap=algorithm.rollout_correction_cap, level=algorithm.rollout_correction_level,
+        )
+    elif algorithm.rollout_correction != "none":
+        raise ValueError(f"algorithm.rollout_correction={algorithm.rollout_correction!r} needs the sampler's "
+                         f"per-token log-probs in batch['sampler_logprobs']")
+    if algorithm.rollout_correction == "none":
+        token_weights = None
     name = algorithm.name
     if name == "pacs":
         loss, metrics = pacs_loss(
-            logprobs, batch["old_logprobs"], mask, batch["rewards"], group_size=group_size, beta=algorithm.beta,
+            logprobs, old_logprobs, mask, batch["rewards"], group_size=group_size, beta=algorithm.beta,
             reward_method=algorithm.reward_method, adv_estimator=algorithm.adv_estimator,
             norm_adv_by_std=algorithm.norm_adv_by_std, weight_mode=algorithm.weight_mode,
+            token_weights=token_weights, response_keep=keep,
         )
     elif name == "grpo":
         loss, metrics = grpo_loss(
-            logprobs, batch["old_logprobs"], mask, batch["rewards"], group_size=group_size,
+            logprobs, old_logprobs, loss_mask, batch["rewards"], group_size=group_size,
             clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, norm_adv_by_std=algorithm.norm_adv_by_std,
             loss_agg_mode=algorithm.loss_agg_mode, ref_logprobs=batch.get("ref_logprobs"), kl_coef=algorithm.kl_coef,
             clip_ratio_c=algorithm.clip_ratio_c, num_tokens=num_tokens, seq_norm_divisor=algorithm.seq_norm_divisor,
+            token_weights=token_weights,
+        )
+    elif name == "gspo":
+        loss, metrics = gspo_loss(
+            logprobs, old_logprobs, loss_mask, batch["rewards"], group_size=group_size, clip_low=algorithm.clip_low,
+            clip_high=algorithm.clip_high, norm_adv_by_std=algorithm.norm_adv_by_std, token_weights=token_weights,
         )
     elif name == "rloo":
-        loss, metrics = rloo_loss(logprobs, mask, batch["rewards"], group_size=group_size, num_tokens=num_tokens)
+        loss, metrics = rloo_loss(logprobs, loss_mask, batch["rewards"], group_size=group_size, num_tokens=num_tokens,
+                                  token_weights=token_weights)
     elif name == "ppo":
         aggregation = dict(num_tokens=num_tokens, seq_norm_divisor=algorithm.seq_norm_divisor)
         loss, metrics = ppo_policy_loss(
-            logprobs, batch["old_logprobs"], batch["advantages"], mask,
-            algorithm.clip_low, algorithm.clip_high, algorithm.loss_agg_mode, algorithm.clip_ratio_c, **aggregation,
+            logprobs, old_logprobs, batch["advantages"], loss_mask,
+            algorithm.clip_low, algorithm.clip_high, algorithm.loss_agg_mode, algorithm.clip_ratio_c,
+            token_weights=token_weights, **aggregation,
         )
         critic = nnx.merge(graphdefs["critic"], params["critic"])
         values = critic(batch, prompt_group)
         # The critic aggregates like the actor: verl's critic.loss_agg_mode defaults to the actor's
         # (since verl 2025-05-23, which the authors' code needs), and their PPO run sets only the actor's.
         critic_loss, critic_metrics = value_loss(
-            values, batch["old_values"], batch["returns"], mask, algorithm.value_clip, algorithm.loss_agg_mode,
+            values, batch["old_values"], batch["returns"], loss_mask, algorithm.value_clip, algorithm.loss_agg_mode,
             **aggregation,
         )
         loss = loss + algorithm.value_coef * critic_loss
         metrics = {**metrics, **critic_metrics}
     else:
-        raise ValueError(f"algorithm.name {name!r} is not one of ['pacs', 'grpo', 'ppo', 'rloo']")
+        raise ValueError(f"algorithm.name {name!r} is not one of ['pacs', 'grpo', 'gspo', 'ppo', 'rloo']")
     metrics = {**metrics, "loss": loss, "entropy": masked_mean(entropy, mask)}
+    # Token means over the whole batch: this micro-batch's sums here, divided in `update`.
+    real_tokens = jnp.sum(mask)
+    metrics.update({k: v * real_tokens if k in _TOKEN_MEANS else v for k, v in correction_metrics.items()})
+    if keep is not None:
+        metrics["actor/overlong_filtered_fraction"] = 1.0 - jnp.mean(keep)
     if "sampler_logprobs" in batch:
         # The training forward's log-probs at the rollout's weights (this pass's own on-policy,
         # the old-log-prob pass's otherwise) against the sampler's: sums here, means in `update`.
-        gap = jnp.abs(batch["old_logprobs"] - batch["sampler_logprobs"]) * mask
+        gap = jnp.abs(old_logprobs - batch["sampler_logprobs"]) * mask
         metrics[_DIFF_SUM], metrics[_DIFF_MAX] = jnp.sum(gap), jnp.max(gap)
     return loss, metrics
 
 
+def _kept_responses(batch: dict, algorithm: AlgorithmConfig):
+    """[N] 1 for the responses in the loss, 0 for the truncated ones with `overlong_filter`; None = all."""
+    if not algorithm.overlong_filter:
+        return None
+    if "truncated" not in batch:
+        raise ValueError("algorithm.overlong_filter needs batch['truncated'] ([N], 1 = reached max_new_tokens without "
+                         "a stop token: pacs_jax.algorithms.truncated_responses)")
+    return 1.0 - batch["truncated"].astype(jnp.float32)
+
+
+def _loss_mask(batch: dict, algorithm: AlgorithmConfig) -> jax.Array:
+    """The response mask without the responses `_kept_responses` leaves out (what token means count)."""
+    keep = _kept_responses(batch, algorithm)
+    mask = batch["response_mask"]
+    return mask if keep is None else mask * keep[:, None].astype(mask.dtype)
+
+
 _DIFF_SUM, _DIFF_MAX = "rollout/logprob_diff_sum", "rollout/logprob_diff_max"
+# Per-token means that `update` reports over the whole batch (summed over micro-batches first).
+_TOKEN_MEANS = ("rollout_corr/k3_kl", "rollout_corr/weight_mean", "rollout_corr/capped_fraction",
+                "rollout_corr/masked_fraction")
+_MAXES = (_DIFF_MAX, "rollout_corr/ratio_max", "rollout_corr/weight_max")
 
 
 def _reduce_metrics(metrics: dict) -> dict:
-    """Means over the leading (scanned) axis, except the log-prob gap's sum and max."""
-    sums = {k: jnp.sum(metrics.pop(k)) for k in (_DIFF_SUM,) if k in metrics}
-    maxes = {k: jnp.max(metrics.pop(k)) for k in (_DIFF_MAX,) if k in metrics}
+    """Means over the leading (scanned) axis, except the per-token sums (summed) and maxima."""
+    sums = {k: jnp.sum(metrics.pop(k)) for k in (_DIFF_SUM, *_TOKEN_MEANS) if k in metrics}
+    maxes = {k: jnp.max(metrics.pop(k)) for k in _MAXES if k in metrics}
     return {**jax.tree.map(jnp.mean, metrics), **sums, **maxes}
 
 
@@ -355,7 +406,7 @@ def make_update_fn(
             # Token means divide by the mini-batch's real tokens (per micro-batch on average), not each
             # micro-batch's own: then the mean of the micro-batch gradients is the mini-batch's gradient
             # however unevenly long and short responses fall into micro-batches.
-            num_tokens = jnp.maximum(jnp.sum(mini_batch["response_mask"]), 1) / micro_batches
+            num_tokens = jnp.maximum(jnp.sum(_loss_mask(mini_batch, algorithm)), 1) / micro_batches
 
             def accumulate(grads, micro_batch):
                 (_, metrics), micro_grads = grad_fn(
@@ -389,8 +440,10 @@ def make_update_fn(
         # The mean over the steps that were taken (a skipped step's norm is inf/nan by definition).
         taken = jnp.isfinite(grad_norms)
         metrics["grad_norm"] = jnp.sum(jnp.where(taken, grad_norms, 0.0)) / jnp.maximum(taken.sum(), 1)
+        real_tokens = jnp.maximum(jnp.sum(batch["response_mask"]), 1)
         if _DIFF_SUM in metrics:
-            metrics["rollout/logprob_diff_mean"] = metrics.pop(_DIFF_SUM) / jnp.maximum(jnp.sum(batch["response_mask"]), 1)
+            metrics["rollout/logprob_diff_mean"] = metrics.pop(_DIFF_SUM) / real_tokens
+        metrics.update({k: metrics[k] / real_tokens for k in _TOKEN_MEANS if k in metrics})
         return state, metrics
 
     return LayerIndexed(update, graphdefs["policy"], lambda state, batch: state.params["policy"], kind="backward",

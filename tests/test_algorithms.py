@@ -462,7 +462,8 @@ def test_on_policy_grpo_estimator_gradient_is_finite_centring_over_eps():
     # (s - mean) / (std + 1e-6) there is the centring divided by 1e-6, not NaN.
     lp, _, mask, rewards = make_batch(seed=14)
     grad = jax.grad(
-        lambda x: pacs_loss(x, jnp.asarray(lp), jnp.asarray(mask), jnp.asarray(rewards), group_size=4, adv_estimator="grpo")[0]
+        lambda x: pacs_loss(x, jnp.asarray(lp), jnp.asarray(mask), jnp.asarray(rewards), group_size=4, adv_estimator="grpo",
+                            weight_mode=None)[0]
     )(jnp.asarray(lp))
     expected = np.zeros_like(lp)
     n = len(rewards)
@@ -476,7 +477,7 @@ def test_on_policy_grpo_estimator_gradient_is_finite_centring_over_eps():
 # ------------------------------------------------------------------------ verl's baselines
 # Against tests/verl_reference.py, a float64 transcription of the verl the authors' baselines ran
 # on: the GRPO and PPO baselines must be the ones the paper compared against, or differ exactly
-# where the README says.
+# where docs/algorithms.md says.
 
 
 def verl_batch(seed, spread=0.4):
@@ -547,7 +548,7 @@ def test_verls_accumulated_loss_is_ours_with_the_seq_norm_divisor(mode):
     """verl's update (micro-batches of m responses per GPU, each loss / the accumulation steps,
     FSDP's mean over ranks) applies our sequence-mode losses, seq-mean-token-sum-norm's with the
     divisor T / m (the paper configs' seq_norm_divisor). verl v0.4's token-mean averages each
-    micro-batch's own token mean instead; ours is the mini-batch's (README)."""
+    micro-batch's own token mean instead; ours is the mini-batch's (docs/algorithms.md)."""
     lp, old, mask, _ = verl_batch(seed=27)  # 20 responses of T = 7 tokens, none empty
     advantages = np.random.default_rng(27).normal(size=lp.shape)
     rows, length = mask.shape
@@ -608,3 +609,224 @@ def test_grpo_advantages_are_verls(norm):
     expected = verl.grpo_advantage(token_rewards, mask, index, norm)
     ours = np.asarray(grpo_advantages(jnp.asarray(rewards), 4, norm))[:, None] * mask
     np.testing.assert_allclose(ours, expected, **TOL)
+
+
+# ------------------------------------------------- RLVR toolbox: DAPO, GSPO, Dr. GRPO, rollout correction
+# Against the float64 transcriptions of their sources in tests/verl_reference.py.
+
+
+def test_library_defaults_are_the_trainers():
+    """A direct call of a loss gets the loss the trainer runs (issue 27, defect 6): every keyword
+    that is also an AlgorithmConfig field defaults to the config's default."""
+    import dataclasses
+    import inspect
+
+    from pacs_jax.algorithms import gspo_loss
+    from pacs_jax.config import AlgorithmConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(AlgorithmConfig)}
+    checked = 0
+    for fn in (pacs_loss, grpo_loss, gspo_loss, ppo_policy_loss):
+        for name, parameter in inspect.signature(fn).parameters.items():
+            if name in defaults and parameter.default is not inspect.Parameter.empty:
+                assert parameter.default == defaults[name], (fn.__name__, name)
+                checked += 1
+    assert checked >= 12
+    # And the default changes the loss: "question" weights differ from none on mixed groups.
+    lp, old, mask, rewards = (jnp.asarray(a) for a in make_batch(seed=40))
+    default, _ = pacs_loss(lp, old, mask, rewards, group_size=4)
+    question, _ = pacs_loss(lp, old, mask, rewards, group_size=4, weight_mode="question")
+    unweighted, _ = pacs_loss(lp, old, mask, rewards, group_size=4, weight_mode=None)
+    assert float(default) == float(question) and abs(float(default) - float(unweighted)) > 1e-3
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    from pacs_jax.algorithms import overlong_penalty
+
+    lengths = np.arange(0, 21)
+    for buffer, factor in [(5, 1.0), (8, 0.5), (1, 2.0)]:
+        got = overlong_penalty(lengths, 20, buffer, factor)
+        expected = [verl.dapo_overlong_reward(n, 20, buffer, factor) for n in lengths]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+        assert got[-1] == -factor and got[20 - buffer] == 0 and got[20 - buffer + 1] < 0
+    np.testing.assert_array_equal(overlong_penalty(lengths, 20, 0, 1.0), 0.0)
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, 20, 20, 1.0)
+
+
+def test_truncated_responses_are_those_at_the_cap_without_a_stop_token():
+    from pacs_jax.algorithms import truncated_responses
+
+    stop = (3, 4)
+    ids = np.array([[7, 8, 9, 9], [7, 8, 9, 3], [7, 3, 0, 0], [7, 8, 9, 4], [9, 9, 9, 9]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(truncated_responses(ids, mask, 4, stop), [True, False, False, False, False])
+
+
+def test_dapo_loss_is_the_papers_with_clip_higher_overlong_filter_and_token_mean():
+    """DAPO (grpo with clip_high 0.28, token-mean, truncated responses out of the loss) is the DAPO
+    paper's objective when the dual clip is off; with verl's dual clip on, it is verl's surrogate
+    (the dual clip only bounds A < 0 tokens whose ratio passes clip_ratio_c; clip-higher only
+    moves the A > 0 bound)."""
+    lp, old, mask, rewards = verl_batch(seed=41, spread=0.3)
+    rewards = rewards + np.random.default_rng(41).normal(0, 0.1, rewards.shape)  # shaped rewards (overlong penalty)
+    truncated = np.zeros(len(rewards), bool)
+    truncated[[1, 6, 13]] = True
+    keep_mask = mask * ~truncated[:, None]
+    ratio = np.exp(lp - old)
+    args = (jnp.asarray(lp), jnp.asarray(old), jnp.asarray(keep_mask), jnp.asarray(rewards))
+    off, metrics = grpo_loss(*args, group_size=4, clip_low=0.2, clip_high=0.28, clip_ratio_c=float("inf"))
+    np.testing.assert_allclose(off, verl.dapo_objective(old, lp, rewards, mask, 4, 0.2, 0.28, truncated), **TOL)
+    # clip-higher binds: some A > 0 tokens are clipped at 1.28, and some between 1.2 and 1.28 are not.
+    advantages = np.asarray(grpo_advantages(jnp.asarray(rewards), 4))[:, None] * np.ones_like(lp)
+    live = keep_mask > 0
+    assert ((advantages > 0) & (ratio > 1.28) & live).any() and ((advantages > 0) & (ratio > 1.2) & (ratio < 1.28) & live).any()
+    on, _ = grpo_loss(*args, group_size=4, clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0)
+    expected, _, _, clipfrac_lower = verl.policy_loss(old, lp, advantages, keep_mask, 0.2, 0.28, 3.0, "token-mean")
+    np.testing.assert_allclose(on, expected, **TOL)
+    assert clipfrac_lower > 0  # the dual clip binds too, and only there do the two differ
+    dual = (advantages < 0) & (ratio > 3.0) & live
+    np.testing.assert_allclose(float(on) - float(off), (advantages * (ratio - 3.0))[dual].sum() / keep_mask.sum(), **TOL)
+
+
+def test_dr_grpo_is_grpo_without_std_and_with_a_constant_normaliser():
+    """Dr. GRPO (Liu et al. 2025): advantages r - mean(group) and each response's token sum over a
+    constant (max_new_tokens), averaged over responses: verl's agg_loss seq-mean-token-sum-norm."""
+    lp, old, mask, rewards = verl_batch(seed=42)
+    loss, _ = grpo_loss(*(jnp.asarray(a) for a in (lp, old, mask, rewards)), group_size=4, norm_adv_by_std=False,
+                        loss_agg_mode="seq-mean-token-sum-norm", seq_norm_divisor=64.0)
+    index = np.repeat(np.arange(len(rewards) // 4), 4)
+    advantages = verl.grpo_advantage(verl.outcome_token_rewards(rewards, mask), mask, index, False)
+    total = 0.0
+    for i in range(len(rewards)):  # sum_i sum_t loss_it / 64, over N responses
+        per_token = verl.policy_loss(old[i : i + 1], lp[i : i + 1], advantages[i : i + 1], mask[i : i + 1], 0.2, 0.2, 3.0,
+                                     "seq-mean-token-sum")[0]
+        total += per_token / 64.0
+    np.testing.assert_allclose(loss, total / len(rewards), **TOL)
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_gspo_loss_is_verls_and_its_gradient_the_papers(with_weights):
+    from pacs_jax.algorithms import gspo_loss
+
+    lp, old, mask, rewards = make_batch(seed=43, spread=0.05)
+    mask[:, 0] = 1.0  # GSPO's ratio is per response: every response has a token
+    old[::3] = old[::3] - 0.004 * mask[::3]  # sequence ratios around 1.004: the clip range (3e-4, 4e-4) binds
+    weights = np.random.default_rng(43).uniform(0.5, 1.5, lp.shape) * mask if with_weights else None
+    clip_low, clip_high = 3e-4, 4e-4
+
+    def loss_fn(x):
+        return gspo_loss(x, jnp.asarray(old), jnp.asarray(mask), jnp.asarray(rewards), group_size=4, clip_low=clip_low,
+                         clip_high=clip_high, token_weights=None if weights is None else jnp.asarray(weights))
+
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(lp))
+    index = np.repeat(np.arange(len(rewards) // 4), 4)
+    advantages = verl.grpo_advantage(verl.outcome_token_rewards(rewards, mask), mask, index, True)
+    ref_loss, clipfrac, ppo_kl = verl.gspo_policy_loss(old, lp, advantages, mask, clip_low, clip_high, weights)
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    np.testing.assert_allclose(metrics["actor/clip_fraction"], clipfrac, **TOL)
+    np.testing.assert_allclose(metrics["actor/approx_kl"], ppo_kl, **TOL)
+    assert 0 < clipfrac < 1
+    paper_loss, paper_grad = verl.gspo_paper_objective_and_gradient(old, lp, rewards, mask, 4, clip_low, clip_high)
+    if weights is None:
+        np.testing.assert_allclose(loss, paper_loss, **TOL)
+        np.testing.assert_allclose(grad, paper_grad, rtol=1e-8, atol=1e-12)
+    else:  # each token's gradient scaled by its weight, as verl multiplies pg_losses
+        np.testing.assert_allclose(grad, paper_grad * weights, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_correction_weights_are_verls(mode, level):
+    from pacs_jax.algorithms import rollout_correction_weights
+
+    _, old, mask, _ = make_batch(seed=44)
+    rng = np.random.default_rng(44)
+    spread = 0.5 if level == "token" else 0.15
+    sampler = old + rng.normal(0, spread, old.shape)
+    sampler[0, 0] = old[0, 0] - 30.0  # past verl's safety bound
+    weights, metrics = rollout_correction_weights(jnp.asarray(old), jnp.asarray(sampler), jnp.asarray(mask),
+                                                  mode={"truncate": "tis", "mask": "mis"}[mode], cap=2.0, level=level)
+    expected, fraction = verl.rollout_is_weights(old, sampler, mask, level, mode, 2.0)
+    np.testing.assert_allclose(weights, expected, **TOL)
+    name = "capped" if mode == "truncate" else "masked"
+    np.testing.assert_allclose(metrics[f"rollout_corr/{name}_fraction"], fraction, **TOL)
+    assert 0 < fraction < 1
+    np.testing.assert_allclose(metrics["rollout_corr/k3_kl"], verl.rollout_corr_k3_kl(old, sampler * mask, mask), **TOL)
+    np.testing.assert_allclose(metrics["rollout_corr/weight_mean"], np_masked_mean(expected, mask), **TOL)
+    np.testing.assert_allclose(metrics["rollout_corr/weight_max"], expected.max(), **TOL)
+    assert float(metrics["rollout_corr/ratio_max"]) == pytest.approx(math.exp(20.0))
+    with pytest.raises(ValueError, match="rollout_correction_cap"):
+        rollout_correction_weights(jnp.asarray(old), jnp.asarray(sampler), jnp.asarray(mask), mode="tis", cap=1.0)
+
+
+def test_token_weights_scale_each_tokens_loss_in_grpo_ppo_and_rloo():
+    """verl multiplies the per-token policy loss by the rollout correction's weights before
+    aggregating; REINFORCE (RLOO) becomes -E[w_t log pi(a_t) A_t]."""
+    lp, old, mask, rewards = verl_batch(seed=45)
+    weights = np.random.default_rng(45).uniform(0.0, 2.0, lp.shape) * mask
+    j = [jnp.asarray(a) for a in (lp, old, mask, rewards, weights)]
+    index = np.repeat(np.arange(len(rewards) // 4), 4)
+    advantages = verl.grpo_advantage(verl.outcome_token_rewards(rewards, mask), mask, index, True)
+    for mode in AGG_MODES:
+        loss, _ = grpo_loss(j[0], j[1], j[2], j[3], group_size=4, clip_high=0.28, loss_agg_mode=mode, token_weights=j[4])
+        ref = verl.policy_loss(old, lp, advantages, mask * weights, 0.2, 0.28, 3.0, mode)[0] if mode == "token-mean" else None
+        plain_mat = np.asarray(jax.grad(lambda x: grpo_loss(x, j[1], j[2], j[3], group_size=4, clip_high=0.28,
+                                                           loss_agg_mode=mode)[0])(j[0]))
+        weighted_mat = np.asarray(jax.grad(lambda x: grpo_loss(x, j[1], j[2], j[3], group_size=4, clip_high=0.28,
+                                                              loss_agg_mode=mode, token_weights=j[4])[0])(j[0]))
+        np.testing.assert_allclose(weighted_mat, plain_mat * weights, **TOL)
+        if ref is not None:  # token-mean over the real tokens, each token's loss times w
+            np.testing.assert_allclose(loss * mask.sum(), ref * (mask * weights).sum(), **TOL)
+    rloo, _ = rloo_loss(j[0], j[2], j[3], group_size=4, token_weights=j[4])
+    rloo_adv = np.asarray(rloo_advantages_np(rewards, 4))
+    expected = -sum(weights[i, t] * mask[i, t] * rloo_adv[i] * lp[i, t] for i in range(len(rewards)) for t in range(lp.shape[1]))
+    np.testing.assert_allclose(rloo, expected / len(rewards), **TOL)
+
+
+def rloo_advantages_np(rewards, group_size):
+    out = np.zeros_like(rewards)
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        for k in range(group_size):
+            out[start + k] = group[k] - (group.sum() - group[k]) / (group_size - 1)
+    return out
+
+
+@pytest.mark.parametrize("weight_mode", [None, "question"])
+def test_pacs_token_weights_enter_the_score(weight_mode):
+    """PACS's rollout correction: s_i = beta * sum_t w_t m_t (logp - old). Off-policy: the NumPy
+    PACS reference and its closed-form gradient on the weighted score. On-policy: beta x the
+    gradient of RLOO with the same weights (verl's REINFORCE + IS)."""
+    lp, old, mask, rewards = make_batch(seed=46)
+    weights = np.random.default_rng(46).uniform(0.0, 2.0, lp.shape) * mask
+    options = dict(beta=2.0, reward_method="1", adv_estimator="rloo", norm=True, weight_mode=weight_mode)
+
+    def loss_fn(x, old_lp):
+        return pacs_loss(x, jnp.asarray(old_lp), jnp.asarray(mask), jnp.asarray(rewards), group_size=4, beta=2.0,
+                         weight_mode=weight_mode, token_weights=jnp.asarray(weights))[0]
+
+    loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(lp), old)
+    ref_loss = np_pacs(lp, old, mask * weights, rewards, 4, **options)[0]
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    np.testing.assert_allclose(grad, np_pacs_grad(lp, old, mask * weights, rewards, 4, **options), rtol=1e-8, atol=1e-10)
+    on_policy = jax.grad(loss_fn)(jnp.asarray(lp), lp)
+    effective = rewards if weight_mode is None else np_weights(rewards, 4, weight_mode) * (rewards - 0.5)
+    rloo_grad = jax.grad(lambda x: rloo_loss(x, jnp.asarray(mask), jnp.asarray(effective), group_size=4,
+                                             token_weights=jnp.asarray(weights))[0])(jnp.asarray(lp))
+    np.testing.assert_allclose(on_policy, 2.0 * rloo_grad, **TOL)
+    assert np.abs(np.asarray(on_policy)).max() > 1e-3
+
+
+def test_pacs_response_keep_drops_the_response_but_keeps_its_score_in_the_baseline():
+    lp, old, mask, rewards = make_batch(seed=47)
+    keep = np.ones(len(rewards))
+    keep[[2, 9]] = 0.0
+    loss_fn = lambda x: pacs_loss(x, jnp.asarray(old), jnp.asarray(mask), jnp.asarray(rewards), group_size=4,  # noqa: E731
+                                  response_keep=jnp.asarray(keep))[0]
+    loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(lp))
+    options = dict(beta=1.0, reward_method="1", adv_estimator="rloo", norm=True, weight_mode="question")
+    _, _, scores, psi, weights = np_pacs(lp, old, mask, rewards, 4, **options)
+    expected = sum(keep[i] * weights[i] * (softplus(psi[i]) - rewards[i] * psi[i]) for i in range(len(rewards))) / len(rewards)
+    np.testing.assert_allclose(loss, expected, **TOL)
+    assert not np.asarray(grad)[[2, 9]].any() and np.abs(np.asarray(grad)[[0, 1, 3]]).max() > 1e-3

@@ -137,3 +137,115 @@ def outcome_token_rewards(scores, mask):
         if len(real):
             rewards[i, real[-1]] = scores[i]
     return rewards
+
+
+# ----------------------------------------------------------- GSPO, DAPO, rollout correction
+# Later sources than the v0.4.1 code above: verl's compute_policy_loss_gspo and rollout_corr_helper
+# (main, January 2026), the GSPO paper (Zheng et al. 2025, arXiv 2507.18071) and the DAPO paper
+# (Yu et al. 2025, arXiv 2503.14476), each written out as loops.
+
+
+def gspo_policy_loss(old_log_prob, log_prob, advantages, mask, clip_low, clip_high, rollout_is_weights=None):
+    """verl's compute_policy_loss_gspo, forward: the sequence ratio exp(mean_t log ratio) on every
+    token (clamped at log 10), the clipped surrogate, the IS weights, then agg_loss
+    "seq-mean-token-mean" whatever loss_agg_mode says. Returns (loss, clipfrac, ppo_kl)."""
+    rows, length = mask.shape
+    pg_losses = np.zeros((rows, length))
+    clipped = np.zeros((rows, length))
+    for i in range(rows):
+        real = max(mask[i].sum(), 1)
+        seq_log_ratio = sum((log_prob[i, t] - old_log_prob[i, t]) * mask[i, t] for t in range(length)) / real
+        ratio = np.exp(min(seq_log_ratio, 10.0))
+        for t in range(length):
+            loss1 = -advantages[i, t] * ratio
+            loss2 = -advantages[i, t] * min(max(ratio, 1 - clip_low), 1 + clip_high)
+            pg_losses[i, t] = max(loss1, loss2)
+            clipped[i, t] = float(loss2 > loss1)
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    seq_losses = (pg_losses * mask).sum(-1) / (mask.sum(-1) + 1e-8)
+    loss = seq_losses.mean()
+    return loss, masked_mean(clipped, mask), masked_mean(old_log_prob - log_prob, mask)
+
+
+def gspo_paper_objective_and_gradient(old_log_prob, log_prob, rewards, mask, group_size, clip_low, clip_high):
+    """The GSPO paper, eq. (5)-(7) and (10): J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_l, 1 + eps_h) A_i)
+    per group with s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|) and A_i the group-normalised reward
+    (verl's unbiased std + 1e-6), averaged over the groups; its gradient in log pi(y_i,t) is
+    1/G * s_i A_i / |y_i| where the unclipped term is the min, else 0. Returns (-J, d(-J)/d log pi)."""
+    rows, length = mask.shape
+    objective, grad = 0.0, np.zeros((rows, length))
+    groups = rows // group_size
+    for g in range(groups):
+        members = range(g * group_size, (g + 1) * group_size)
+        group_rewards = np.array([rewards[i] for i in members])
+        advantages = (group_rewards - group_rewards.mean()) / (group_rewards.std(ddof=1) + 1e-6)
+        for k, i in enumerate(members):
+            n = mask[i].sum()
+            s = np.exp(sum((log_prob[i, t] - old_log_prob[i, t]) for t in range(length) if mask[i, t]) / n)
+            unclipped, bounded = s * advantages[k], min(max(s, 1 - clip_low), 1 + clip_high) * advantages[k]
+            objective += min(unclipped, bounded) / group_size / groups
+            if unclipped <= bounded:
+                for t in range(length):
+                    if mask[i, t]:
+                        grad[i, t] = -s * advantages[k] / n / group_size / groups
+    return -objective, grad
+
+
+def dapo_overlong_reward(length, max_length, cache_length, penalty_factor=1.0):
+    """The DAPO paper's soft overlong punishment, eq. (13), with verl's penalty_factor scaling it:
+    0 up to L_max - L_cache, ((L_max - L_cache) - |y|) / L_cache in the cache, -1 beyond L_max."""
+    if length <= max_length - cache_length:
+        return 0.0
+    if length <= max_length:
+        return ((max_length - cache_length) - length) / cache_length * penalty_factor
+    return -1.0 * penalty_factor
+
+
+def dapo_objective(old_log_prob, log_prob, rewards, mask, group_size, eps_low, eps_high, truncated):
+    """The DAPO paper's objective, eq. (8), with overlong filtering (section 3.4.1: truncated
+    samples are masked out of the loss): the clipped surrogate of every token of the kept responses,
+    divided by their total length (token-level loss); advantages from all G rewards of a group
+    (verl's unbiased std + 1e-6). No dual clip. Returns -J."""
+    rows, length = mask.shape
+    total, tokens = 0.0, 0.0
+    for g in range(rows // group_size):
+        members = list(range(g * group_size, (g + 1) * group_size))
+        group_rewards = np.array([rewards[i] for i in members])
+        advantages = (group_rewards - group_rewards.mean()) / (group_rewards.std(ddof=1) + 1e-6)
+        for k, i in enumerate(members):
+            if truncated[i]:
+                continue
+            for t in range(length):
+                if mask[i, t]:
+                    r = np.exp(log_prob[i, t] - old_log_prob[i, t])
+                    total += min(r * advantages[k], min(max(r, 1 - eps_low), 1 + eps_high) * advantages[k])
+                    tokens += 1
+    return -total / tokens
+
+
+def rollout_is_weights(old_log_prob, rollout_log_prob, mask, level, mode, threshold):
+    """verl's rollout correction, decoupled mode. level "token": rho_t = exp(old - rollout);
+    "sequence": exp(sum_t (old - rollout)) on every token; log-ratios clamped to +-20. mode
+    "truncate" (TIS, compute_rollout_correction_weights): min(rho, C). mode "mask" (MIS,
+    mismatch_helper's mask mode, lower threshold 1/C by default): rho inside [1/C, C], else 0.
+    Zero off the mask. Returns (weights, fraction of real tokens outside the bound(s))."""
+    rows, length = mask.shape
+    weights, outside = np.zeros((rows, length)), np.zeros((rows, length))
+    for i in range(rows):
+        seq_log_ratio = sum((old_log_prob[i, t] - rollout_log_prob[i, t]) * mask[i, t] for t in range(length))
+        for t in range(length):
+            log_ratio = seq_log_ratio if level == "sequence" else old_log_prob[i, t] - rollout_log_prob[i, t]
+            rho = np.exp(np.clip(log_ratio, -20.0, 20.0))
+            if mode == "truncate":
+                weights[i, t], outside[i, t] = min(rho, threshold), rho > threshold
+            else:
+                keep = 1.0 / threshold <= rho <= threshold
+                weights[i, t], outside[i, t] = rho * keep, not keep
+    return weights * mask, masked_mean(outside, mask)
+
+
+def rollout_corr_k3_kl(old_log_prob, rollout_log_prob, mask):
+    """compute_offpolicy_metrics' k3_kl: masked mean of exp(d) - d - 1, d = old - rollout."""
+    d = old_log_prob - rollout_log_prob
+    return masked_mean(np.exp(d) - d - 1, mask)

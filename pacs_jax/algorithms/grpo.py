@@ -61,10 +61,15 @@ def grpo_loss(
     clip_ratio_c: float = 3.0,
     num_tokens: Optional[jax.Array] = None,
     seq_norm_divisor: float = 0.0,
+    token_weights: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """verl's dual-clip PPO surrogate on GRPO advantages (one per response, shared by its
     tokens), plus kl_coef * aggregate(k3 KL to `ref_logprobs`) when a reference is given.
-    `num_tokens`, `seq_norm_divisor`: see `aggregate_loss`."""
+    `num_tokens`, `seq_norm_divisor`: see `aggregate_loss`. `token_weights`: the rollout
+    correction's weights on the policy loss (not the KL term), see `ppo_policy_loss`.
+
+    Dr. GRPO (Liu et al. 2025) is this loss with norm_adv_by_std=False and
+    loss_agg_mode="seq-mean-token-sum-norm" (a constant length normaliser)."""
     check_option("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
     check_token_arrays(response_mask, logprobs, old_logprobs)
     if ref_logprobs is not None:
@@ -76,7 +81,7 @@ def grpo_loss(
     advantages = grpo_advantages(rewards.astype(logprobs.dtype), group_size, norm_adv_by_std)
     pg_loss, metrics = ppo_policy_loss(
         logprobs, old_logprobs, advantages[:, None], response_mask, clip_low, clip_high, loss_agg_mode,
-        clip_ratio_c, num_tokens=num_tokens, seq_norm_divisor=seq_norm_divisor,
+        clip_ratio_c, num_tokens=num_tokens, seq_norm_divisor=seq_norm_divisor, token_weights=token_weights,
     )
     loss = pg_loss
     metrics["actor/advantage_abs_mean"] = jnp.mean(jnp.abs(advantages))

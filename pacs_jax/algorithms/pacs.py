@@ -33,14 +33,17 @@ def response_scores(
     response_mask: jax.Array,
     beta: float,
     reward_method: str,
+    token_weights: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """s_i, shape [N]. "1": beta * sum_t m (logp - old_logp). "2": beta * masked mean of logp."""
+    """s_i, shape [N]. "1": beta * sum_t w m (logp - old_logp). "2": beta * sum_t w m logp / sum_t m.
+    w: `token_weights` (the rollout correction's; default 1)."""
     check_option("reward_method", reward_method, REWARD_METHODS)
     mask = response_mask.astype(logprobs.dtype)
+    weighted = mask if token_weights is None else mask * token_weights
     if reward_method == "1":
-        return beta * jnp.sum((logprobs - old_logprobs) * mask, axis=-1)
+        return beta * jnp.sum((logprobs - old_logprobs) * weighted, axis=-1)
     # An empty response (all-zero mask) scores 0 rather than 0 / 0.
-    return beta * jnp.sum(logprobs * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+    return beta * jnp.sum(logprobs * weighted, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
 
 
 def group_relative_scores(
@@ -90,12 +93,24 @@ def pacs_loss(
     reward_method: str = "1",
     adv_estimator: str = "rloo",
     norm_adv_by_std: bool = True,
-    weight_mode: Optional[str] = None,
+    weight_mode: Optional[str] = "question",
+    token_weights: Optional[jax.Array] = None,
+    response_keep: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = mean_i w_i * BCEWithLogits(psi_i, r_i) over all N responses (not divided by sum w).
 
     logprobs, old_logprobs, response_mask: [N, T], N = prompts * group_size with each group's
-    responses contiguous. rewards: [N] labels in {0, 1}. Returns (loss, metrics).
+    responses contiguous. rewards: [N] labels in {0, 1}. Returns (loss, metrics). The defaults
+    are the trainer's (AlgorithmConfig's).
+
+    `token_weights` [N, T] (constants): the rollout correction's per-token weights. They enter
+    the score's sum, s_i = beta * sum_t w_t m_t (logp_t - old_t): a token's log-prob reaches the
+    loss only through its response's score, so every gradient path of token t is scaled by w_t
+    (on-policy the gradient is then exactly beta x RLOO's with the same weights, verl's
+    REINFORCE + IS), and the score is still 0 on-policy whatever the weights.
+    `response_keep` [N] (1 = in the loss): a response with 0 (DAPO's overlong filter) drops its
+    BCE term and its tokens get no gradient; its score (stop-gradient) stays in its group's
+    baselines, as a filtered response's reward stays in GRPO's group statistics.
 
     The grpo estimator on-policy (all scores 0) has derivative (centring) / 1e-6, as the
     formula says; it is finite but large, and grad-norm clipping is what tames it.
@@ -103,14 +118,20 @@ def pacs_loss(
     check_option("reward_method", reward_method, REWARD_METHODS)
     check_option("adv_estimator", adv_estimator, ADV_ESTIMATORS)
     check_option("weight_mode", weight_mode, WEIGHT_MODES)
-    check_token_arrays(response_mask, logprobs, old_logprobs)
+    check_token_arrays(response_mask, logprobs, old_logprobs, *(() if token_weights is None else (token_weights,)))
     min_group = 2 if adv_estimator in ("rloo", "grpo") else 1
     check_groups(rewards, logprobs.shape[0], group_size, min_group)
 
     rewards = rewards.astype(logprobs.dtype)
-    scores = response_scores(logprobs, old_logprobs, response_mask, beta, reward_method)
-    psi = group_relative_scores(scores, group_size, adv_estimator, norm_adv_by_std)
+    scores = response_scores(logprobs, old_logprobs, response_mask, beta, reward_method, token_weights)
     weights = sample_weights(rewards, group_size, weight_mode)
+    if response_keep is not None:
+        if response_keep.shape != rewards.shape:
+            raise ValueError(f"response_keep must be [N]={rewards.shape}, got shape {response_keep.shape}")
+        keep = response_keep.astype(logprobs.dtype)
+        scores = jnp.where(keep > 0, scores, jax.lax.stop_gradient(scores))
+        weights = weights * keep
+    psi = group_relative_scores(scores, group_size, adv_estimator, norm_adv_by_std)
     bce = jax.nn.softplus(psi) - rewards * psi
     loss = jnp.mean(weights * bce)
 

@@ -74,13 +74,16 @@ def ppo_policy_loss(
     *,
     num_tokens: Optional[jax.Array] = None,
     seq_norm_divisor: float = 0.0,
+    token_weights: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """verl's dual-clip PPO surrogate, aggregated over masked tokens. Per token:
     clipped = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)), and where A < 0
     also min(clipped, -A * clip_ratio_c), so a ratio far above 1 on a bad token cannot make
     the loss unbounded (Ye et al. 2019). advantages: [N, T] (broadcast a per-response [N, 1]).
-    `num_tokens`, `seq_norm_divisor`: see `aggregate_loss`."""
-    check_token_arrays(response_mask, logprobs, old_logprobs)
+    `num_tokens`, `seq_norm_divisor`: see `aggregate_loss`. `token_weights` [N, T] (constants)
+    multiply the per-token loss before aggregation: the rollout correction's weights, where verl
+    applies its rollout_is_weights."""
+    check_token_arrays(response_mask, logprobs, old_logprobs, *(() if token_weights is None else (token_weights,)))
     if not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (the dual clip's bound on the ratio), got {clip_ratio_c}")
     advantages = jnp.broadcast_to(advantages, logprobs.shape)
@@ -92,6 +95,8 @@ def ppo_policy_loss(
     clipped_loss = jnp.maximum(unclipped, clipped)
     dual_bound = -advantages * clip_ratio_c
     loss_mat = jnp.where(advantages < 0, jnp.minimum(clipped_loss, dual_bound), clipped_loss)
+    if token_weights is not None:
+        loss_mat = loss_mat * token_weights
     loss = aggregate_loss(loss_mat, mask, loss_agg_mode, num_tokens, seq_norm_divisor)
     stats_log_ratio = jax.lax.stop_gradient(log_ratio)
     metrics = {

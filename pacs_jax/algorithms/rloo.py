@@ -43,15 +43,21 @@ def rloo_loss(
     group_size: int,
     loss_agg_mode: str = "seq-mean-token-sum",
     num_tokens: Optional[jax.Array] = None,
+    token_weights: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """-aggregate(adv_i * logprobs * mask): the REINFORCE loss whose gradient is the RLOO
-    policy gradient. The default aggregation makes it beta-proportional to on-policy PACS."""
+    """-aggregate(w * adv_i * logprobs * mask): the REINFORCE loss whose gradient is the RLOO
+    policy gradient. The default aggregation makes it beta-proportional to on-policy PACS.
+    `token_weights` w [N, T] (constants; default 1): the rollout correction's weights, verl's
+    REINFORCE + IS loss -E[sg(w_t) log pi(a_t) A_t]."""
     check_option("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
-    check_token_arrays(response_mask, logprobs)
+    check_token_arrays(response_mask, logprobs, *(() if token_weights is None else (token_weights,)))
     check_groups(rewards, logprobs.shape[0], group_size, min_group_size=2)
     advantages = rloo_advantages(rewards.astype(logprobs.dtype), group_size)
     mask = response_mask.astype(logprobs.dtype)
-    loss = aggregate_loss(-advantages[:, None] * logprobs, mask, loss_agg_mode, num_tokens)
+    loss_mat = -advantages[:, None] * logprobs
+    if token_weights is not None:
+        loss_mat = loss_mat * token_weights
+    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, num_tokens)
     metrics = {
         "actor/pg_loss": loss,
         "actor/advantage_abs_mean": jnp.mean(jnp.abs(advantages)),
