@@ -200,7 +200,8 @@ upload() {
   shopt -u nullglob
   ((${#logs[@]} == 0)) || gcloud storage cp "${logs[@]}" "$dest/logs/worker-$id/"
   rollouts="$(local_run_dir "$(run_dir)")/rollouts"
-  if [[ -d $rollouts ]] && [[ "$(local_run_dir "$(run_dir)")" != "$(local_run_dir "$dest")" ]]; then
+  # (A local run directory holds its rollouts already.)
+  if [[ -d $rollouts ]] && [[ $dest == gs://* || $(local_run_dir "$dest") != "${rollouts%/rollouts}" ]]; then
     gcloud storage rsync -r "$rollouts" "$dest/rollouts"
   fi
 }

@@ -823,3 +823,212 @@ def test_paper_recipe_checks_its_inputs(env):
     assert on_demand.returncode == 0, on_demand.stderr
     assert not gcloud_calls(on_demand, "storage", "buckets") and "--spot" not in printed(on_demand)[0]
     assert [c for c in printed(on_demand) if c[:2] == ["gcloud", "storage"]] == []  # no spot loop
+
+
+# ---------------------------------------------------------------------------- faults gcloud really reports
+
+
+def test_stockout_of_40_failed_creates_is_outlasted(fake):
+    """gcloud's stockout ("There is no more capacity in the zone", code 8) 40 times, then capacity:
+    the loop keeps asking (with backoff), counts no restart, and the run completes."""
+    fake_env, folder = fake
+    (folder / "create_failures").write_text("40\n")
+    queue(folder, "tpu_states", "NOT_FOUND", *["NOT_FOUND"] * 40, "READY")
+    queue(folder, "status", "running")
+    (folder / "done_after_starts").write_text("1\n")
+    result = spot_loop(fake_env, "--max-restarts", "0")
+    assert result.returncode == 0, result.stderr
+    assert len(creates(folder)) == 41 and len(worker_starts(folder)) == 1
+    assert "There is no more capacity in the zone" in result.stderr
+    assert "Restart" not in result.stderr and "giving up" not in result.stderr
+
+
+def test_max_wait_ends_a_stockout(fake):
+    fake_env, folder = fake
+    (folder / "create_failures").write_text("1000\n")
+    queue(folder, "tpu_states", "NOT_FOUND")
+    result = spot_loop({**fake_env, "PACS_LAUNCH_CREATE_RETRY_SECONDS": "1"}, "--max-wait", "3s")
+    assert result.returncode != 0 and "(--max-wait 3s): giving up" in result.stderr
+    assert 2 <= len(creates(folder)) <= 4 and deletes(folder) == []
+
+
+def test_a_create_error_no_retry_fixes_stops_at_once(fake):
+    fake_env, folder = fake
+    (folder / "create_failures").write_text("1000\n")
+    (folder / "create_error").write_text(
+        "ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: Permission 'tpu.nodes.create' denied on "
+        "'projects/my-proj/locations/us-west4-a/nodes/pacs-spot'\n")
+    queue(folder, "tpu_states", "NOT_FOUND")
+    result = spot_loop(fake_env)
+    assert result.returncode != 0 and "no retry fixes" in result.stderr and "PERMISSION_DENIED" in result.stderr
+    assert len(creates(folder)) == 1
+
+
+def test_restarts_are_counted_within_a_window(fake):
+    """Three preemptions with --max-restarts 2: over the whole run that is too many; counted over a
+    2-second window (the preemptions 3 s apart) it is not."""
+    fake_env, folder = fake
+    states = ["NOT_FOUND", "READY", "READY@sleep3", "PREEMPTED", "READY", "READY@sleep3", "PREEMPTED",
+              "READY", "READY@sleep3", "PREEMPTED", "READY"]
+    queue(folder, "tpu_states", *states)
+    queue(folder, "status", "running")
+    (folder / "done_after_starts").write_text("4\n")
+    result = spot_loop(fake_env, "--max-restarts", "2", "--restart-window", "2s")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Restart 1/2 within 2s (VM PREEMPTED)") == 3
+    assert len(creates(folder)) == 4
+
+    (folder / "calls").write_text("")
+    queue(folder, "tpu_states", *states)
+    whole_run = spot_loop(fake_env, "--max-restarts", "2", "--restart-window", "0")
+    assert whole_run.returncode != 0
+    assert "giving up: 3 restarts in this run, more than --max-restarts 2 (last: VM PREEMPTED)" in whole_run.stderr
+
+
+def test_a_worker_other_than_0_that_dies_is_noticed_and_its_log_shown(fake):
+    """Worker 3's trainer is killed (exit 137); the others fail later (their collective lost a peer)
+    or still run. Every worker's log goes to the bucket, worker 3's is shown, the rest of the run
+    is stopped and it starts again."""
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY")
+    queue(folder, "status", "running steps=4",
+          "exited:1@250 running running exited:137@100 running exited:1@260 running running", "running steps=5")
+    (folder / "tail").write_text("step 4/10 ...\nworker 0: DEADLINE_EXCEEDED: barrier timed out, task 3 missing\n")
+    (folder / "tail.3").write_text("step 4/10 ...\nKilled\n=== 2026-12-08T01:00:00Z exited with status 137\n")
+    (folder / "done_after_starts").write_text("2\n")
+    result = spot_loop(fake_env)
+    assert result.returncode == 0, result.stderr
+    assert "the trainer on worker 3 failed first (exited 137: Killed)" in result.stderr
+    assert "the end of worker 3's log" in result.stderr and "DEADLINE_EXCEEDED" not in result.stderr
+    ssh = calls(folder, "compute", "tpus", "tpu-vm", "ssh")
+    uploads = [c for c in ssh if "tpu_worker.sh upload gs://bucket/runs/spot" in c[-1]]
+    assert uploads and all("--worker=all" in c for c in uploads)
+    stop = [c for c in ssh if "tpu_worker.sh stop" in c[-1]]
+    assert stop and "--worker=all" in stop[0]
+    assert len(creates(folder)) == 1 and len(setups(folder)) == 1 and len(worker_starts(folder)) == 2
+
+
+def test_a_hung_worker_trips_the_progress_watchdog(fake):
+    """Every worker still 'running' but no new step in the metrics: after the stall time the loop
+    collects the logs, shows the log of the worker that went quiet first, stops and restarts."""
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY")
+    queue(folder, "status", "running~10 running~10 running~95 running~10 running~10 running~10 running~10 running~10 steps=7")
+    (folder / "tail.2").write_text("step 7/10 ...\n")
+    (folder / "done_after_starts").write_text("2\n")
+    result = spot_loop({**fake_env, "PACS_LAUNCH_STALL_SECONDS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "no new step in the run's metrics for 2s" in result.stderr
+    assert "the end of worker 2's log" in result.stderr
+    assert "Restart 1/20 within 6h (no new step for 2s)" in result.stderr
+    ssh = calls(folder, "compute", "tpus", "tpu-vm", "ssh")
+    assert any("tpu_worker.sh upload" in c[-1] for c in ssh) and any("tpu_worker.sh stop 0" in c[-1] for c in ssh)
+    assert len(worker_starts(folder)) == 2 and len(creates(folder)) == 1
+
+
+def test_progress_keeps_the_watchdog_quiet(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY")
+    queue(folder, "status", *[f"running@sleep0 steps={i}" for i in range(1, 5)])
+    queue(folder, "done", *["no"] * 8, "yes")
+    result = spot_loop({**fake_env, "PACS_LAUNCH_STALL_SECONDS": "3"})
+    assert result.returncode == 0, result.stderr
+    assert "no new step" not in result.stderr and len(worker_starts(folder)) == 1
+
+
+def test_a_passing_io_failure_restarts_without_counting_a_crash(fake):
+    fake_env, folder = fake
+    queue(folder, "tpu_states", "NOT_FOUND", "READY")
+    queue(folder, "status", "exited:75", "exited:75", "running")
+    (folder / "tail").write_text("error: copying model.path=gs://b/m failed 8 times; the last error: HTTPError 503\n")
+    (folder / "done_after_starts").write_text("3\n")
+    result = spot_loop(fake_env, "--max-crashes", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("a passing I/O failure outlasted the trainer's retries (exit status 75)") == 2
+    assert len(worker_starts(folder)) == 3 and len(setups(folder)) == 1
+
+
+@pytest.mark.parametrize("lost", ["FAILED", "SUSPENDED"])
+def test_a_queued_resource_the_loop_made_stays_its_own(fake, lost):
+    """Its own queued resource goes FAILED (or SUSPENDED: the spot VM was taken back) while
+    waiting for capacity or while training: deleted and asked for again, never refused."""
+    fake_env, folder = fake
+    queue(folder, "queued_states", "NOT_FOUND", "WAITING_FOR_RESOURCES", lost, "ACTIVE", "ACTIVE", lost, "ACTIVE")
+    queue(folder, "tpu_states", "READY")
+    queue(folder, "status", "running")
+    (folder / "done_after_starts").write_text("2\n")
+    result = spot_loop(fake_env, "--queued")
+    assert result.returncode == 0, result.stderr
+    assert "did not create it" not in result.stderr
+    queued_creates = calls(folder, "compute", "tpus", "queued-resources", "create")
+    queued_deletes = calls(folder, "compute", "tpus", "queued-resources", "delete")
+    assert len(queued_creates) == 3 and len(queued_deletes) == 3  # two lost, one at the end
+    assert f"Restart 1/20 within 6h (VM {lost})" in result.stderr  # only the one under a run counts
+    order = [c for c in calls(folder, "compute", "tpus", "queued-resources") if c[3] in ("create", "delete")]
+    assert [c[3] for c in order] == ["create", "delete", "create", "delete", "create", "delete"]
+
+
+def test_environment_reaches_the_trainer(env, tmp_path):
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text("# tokens\nWANDB_API_KEY=abc123\nexport HF_TOKEN=hf_x\n")
+    result = run(env, "train_tpu.sh", "--name", "pacs-v5p", *WHERE, "--config", "configs/debug_cpu.yaml",
+                 "--no-sync", "--detach", "--dry-run", "--env", "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true",
+                 "--env-file", str(env_file))
+    assert result.returncode == 0, result.stderr
+    [scp] = gcloud_calls(result, "compute", "tpus", "tpu-vm", "scp")
+    assert scp[5:7] == [str(env_file), "pacs-v5p:.pacs_jax_env"] and "--worker=all" in scp
+    [start] = [c for c in gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh") if "start" in remote_command(c)]
+    argv = shlex.split(remote_command(start))
+    assert "PACS_JAX_ENV_FILE=$HOME/.pacs_jax_env" in argv
+    assert "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true" in argv
+    assert "abc123" not in result.stdout  # the file's values never go on a command line
+    bad = tmp_path / "bad.env"
+    bad.write_text("WANDB_API_KEY abc\n")
+    refused = run(env, "train_tpu.sh", "--name", "t1", *WHERE, "--config", "configs/debug_cpu.yaml", "--dry-run",
+                  "--env-file", str(bad))
+    assert refused.returncode != 0 and "every line must be KEY=VALUE" in refused.stderr
+
+
+def test_wandb_is_installed_when_the_run_asks_for_it(env):
+    plain = run(env, "spot_loop.sh", *REQUIRED["spot_loop.sh"], *WHERE, "--dry-run")
+    wandb = run(env, "spot_loop.sh", *REQUIRED["spot_loop.sh"], *WHERE, "--dry-run", "trainer.wandb=true")
+    install = [remote_command(c) for c in gcloud_calls(wandb, "compute", "tpus", "tpu-vm", "ssh") if "pip install" in remote_command(c)]
+    assert install and "pip install -q wandb==" in install[0]
+    assert not any("wandb==" in remote_command(c) for c in gcloud_calls(plain, "compute", "tpus", "tpu-vm", "ssh"))
+
+
+def test_worker_report_upload_and_log_rotation_for_real(env, tmp_path):
+    """tpu_worker.sh on this machine: `report` says how the run is, `upload` copies every kept log
+    and the rollouts (through a gcloud that copies into a folder), and five earlier logs are kept."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                                    '[[ $1 == storage ]] || exit 3\n'
+                                    'if [[ $2 == cp ]]; then dest=${@: -1}; mkdir -p "$BUCKET/${dest#gs://}"; '
+                                    'cp "${@:3:$#-3}" "$BUCKET/${dest#gs://}"; fi\n'
+                                    'if [[ $2 == rsync ]]; then mkdir -p "$BUCKET/${5#gs://}"; cp -r "$4"/. "$BUCKET/${5#gs://}"; fi\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    home = tmp_path / "home"
+    worker_env = {"PACS_JAX_CODE_DIR": str(tmp_path), "PACS_JAX_STATE_DIR": str(tmp_path / "state"),
+                  "PACS_JAX_WORKER_ID": "3", "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "HOME": str(home),
+                  "CALLS": str(tmp_path / "calls"), "BUCKET": str(tmp_path / "bucket"),
+                  "PACS_JAX_RUN_DIR": "gs://b/runs/r", "PACS_JAX_LOG_UPLOAD_SECONDS": "0"}
+    for i in range(7):
+        run(env, "tpu_worker.sh", "start", "python3", "-c", f"print('run {i}')", extra_env=worker_env)
+        run(env, "tpu_worker.sh", "follow", extra_env=worker_env)
+    state = tmp_path / "state"
+    assert sorted(p.name for p in state.glob("train.log*")) == ["train.log", *[f"train.log.{i}" for i in range(1, 6)]]
+    assert "run 6" in (state / "train.log").read_text() and "run 1" in (state / "train.log.5").read_text()
+    mirror = home / "pacs_jax_runs" / "b__runs__r"  # the trainer's local copy of a gs:// run
+    (mirror / "rollouts").mkdir(parents=True)
+    (mirror / "rollouts" / "train_000001.jsonl").write_text("{}\n")
+    (mirror / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    [line] = run(env, "tpu_worker.sh", "report", extra_env=worker_env).stdout.splitlines()
+    tag, worker, status, ended, idle, steps = line.split()
+    assert (tag, worker, status, steps) == ("pacs_worker", "3", "exited:0", "2")
+    assert int(ended) > 1.7e9 and 0 <= int(idle) < 60
+    uploaded = run(env, "tpu_worker.sh", "upload", extra_env=worker_env)
+    assert uploaded.returncode == 0, uploaded.stderr
+    logs = tmp_path / "bucket" / "b" / "runs" / "r" / "logs" / "worker-3"
+    assert sorted(p.name for p in logs.iterdir()) == ["train.log", *[f"train.log.{i}" for i in range(1, 6)]]
+    assert (tmp_path / "bucket" / "b" / "runs" / "r" / "rollouts" / "train_000001.jsonl").is_file()
