@@ -16,7 +16,11 @@ once naming the run and the key. CLI: `python -m pacs_jax sweep SWEEP.yaml [--mo
 
 A finished run (DONE, or total_steps steps in metrics.jsonl) is skipped; an unfinished one resumes
 from its checkpoints. `--mode tpu` starts each run detached on its VM and watches it with short ssh
-calls, so a dropped ssh session fails nothing. The summary (RUN_ROOT/NAME/summary.md and .csv,
+calls, so a dropped ssh session fails nothing. With `--type` (the VMs' accelerator type, e.g.
+v5litepod-8) each run is driven by launch/spot_loop.sh on its VM (adopted, kept between runs): a
+preempted VM is recreated and the run resumes, a stockout is waited out, a crashed or hung run is
+started again. Without it a VM found preempted fails its run (and the sweep says to pass --type)
+instead of being waited on for ever. The summary (RUN_ROOT/NAME/summary.md and .csv,
 read from where the runs wrote, gs:// included) has each run's hyper-parameters, reward, loss and
 final val/* pass@k / accuracy; with seeds, summary_seeds.md / .csv hold mean and std over seeds.
 """
@@ -49,6 +53,10 @@ SWEEP_KEYS = {"base_config", "name", "run_root", "overrides", "grid", "seeds"}
 DONE_MARKER = "DONE"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TPU = REPO_ROOT / "launch" / "train_tpu.sh"
+SPOT_LOOP = REPO_ROOT / "launch" / "spot_loop.sh"
+# TPU VM states only a new VM recovers from (launch/common.sh state_kind's "gone").
+VM_GONE_STATES = {"PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "DELETING", "HIDDEN", "SUSPENDING", "SUSPENDED",
+                  "FAILED", "NOT_FOUND"}
 SUMMARY_COLUMNS = [
     "run", "status", "steps", "last reward/mean", "max reward/mean", "last loss", "wall time (s)",
 ]
@@ -264,21 +272,41 @@ def train_command(sweep: Sweep, run: Run) -> list[str]:
     return [sys.executable, "-m", "pacs_jax", "train", "--config", str(sweep.base_config), *run.overrides]
 
 
+def _repo_config(sweep: Sweep) -> str:
+    config = Path(sweep.base_config).resolve()
+    try:
+        return str(config.relative_to(REPO_ROOT))
+    except ValueError:
+        raise ConfigError(f"base_config {sweep.base_config} must be inside the repository {REPO_ROOT} "
+                          f"for --mode tpu: the TPU workers get a copy of the repository") from None
+
+
 def tpu_command(sweep: Sweep, run: Run, tpu: str, zone: str | None, project: str | None,
                 dry_run: bool) -> list[str]:
     """launch/train_tpu.sh for one run, detached: it returns once training has started on every
     worker (`wait_on_tpu` then watches it)."""
-    config = Path(sweep.base_config).resolve()
-    try:
-        config_arg = str(config.relative_to(REPO_ROOT))
-    except ValueError:
-        raise ConfigError(f"base_config {sweep.base_config} must be inside the repository {REPO_ROOT} "
-                          f"for --mode tpu: the TPU workers get a copy of the repository") from None
-    cmd = ["bash", str(TRAIN_TPU), "--name", tpu, "--config", config_arg, "--detach"]
+    cmd = ["bash", str(TRAIN_TPU), "--name", tpu, "--config", _repo_config(sweep), "--detach"]
     cmd += ["--zone", zone] if zone else []
     cmd += ["--project", project] if project else []
     cmd += ["--dry-run"] if dry_run else []
     return [*cmd, "--", *run.overrides]
+
+
+def spot_command(sweep: Sweep, run: Run, tpu: str, tpu_type: str, zone: str | None, project: str | None,
+                 dry_run: bool, queued: bool = False) -> list[str]:
+    """launch/spot_loop.sh for one run on `tpu`: it adopts the VM (or creates it), recreates it
+    when it is preempted, resumes the run, and returns once the run has written DONE. The VM is
+    kept for the next run (--keep)."""
+    if not run.run_dir.startswith("gs://"):
+        raise ConfigError(f"--type runs the sweep through launch/spot_loop.sh, which keeps runs on gs:// (a "
+                          f"preempted VM loses its disk): set run_root to gs://BUCKET/..., got {sweep.run_root}")
+    cmd = ["bash", str(SPOT_LOOP), "--name", tpu, "--type", tpu_type, "--config", _repo_config(sweep),
+           "--run-dir", run.run_dir, "--adopt", "--keep"]
+    cmd += ["--queued"] if queued else []
+    cmd += ["--zone", zone] if zone else []
+    cmd += ["--project", project] if project else []
+    cmd += ["--dry-run"] if dry_run else []
+    return [*cmd, "--", *[o for o in run.overrides if not o.startswith("trainer.run_dir=")]]
 
 
 def run_local(sweep: Sweep, runs: list[Run]) -> list[str]:
@@ -312,10 +340,24 @@ def worker_status(tpu: str, zone: str | None, project: str | None) -> str | None
     return lines[-1]
 
 
+def vm_state(tpu: str, zone: str | None, project: str | None) -> str | None:
+    """The TPU VM's state (READY, PREEMPTED, ...), NOT_FOUND, or None when gcloud did not say."""
+    cmd = [_gcloud(), "compute", "tpus", "tpu-vm", "describe", tpu, "--format=value(state)"]
+    cmd += [f"--zone={zone}"] if zone else []
+    cmd += [f"--project={project}"] if project else []
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return "NOT_FOUND" if re.search(r"NOT_FOUND|was not found", done.stderr) else None
+    return done.stdout.strip() or None
+
+
 def wait_on_tpu(run: Run, tpu: str, zone: str | None, project: str | None, poll_s: float) -> bool:
     """Watch a run started on `tpu` until it is finished (True) or its trainer has stopped without
     finishing (False). A dropped or refused ssh session is not a failure: the run goes on on the
-    VM, and the next look tells."""
+    VM, and the next look tells; but a VM that is gone (preempted) fails the run at once."""
     import time
 
     while True:
@@ -324,6 +366,12 @@ def wait_on_tpu(run: Run, tpu: str, zone: str | None, project: str | None, poll_
             return True
         status = worker_status(tpu, zone, project)
         if status is None:
+            state = vm_state(tpu, zone, project)
+            if state in VM_GONE_STATES:
+                print(f"{run.name}: {tpu} is {state}; the run stopped unfinished. Pass --type TYPE (e.g. --type "
+                      f"v5litepod-8) to have the sweep recreate preempted VMs and resume their runs "
+                      f"(launch/spot_loop.sh); running the sweep again resumes it", flush=True)
+                return False
             print(f"{run.name}: {tpu} did not answer over ssh; the run goes on there, looking again in {poll_s:g} s",
                   flush=True)
         elif not status.startswith("running"):
@@ -335,9 +383,10 @@ def wait_on_tpu(run: Run, tpu: str, zone: str | None, project: str | None, poll_
 
 
 def run_tpu(sweep: Sweep, runs: list[Run], tpus: list[str], zone: str | None, project: str | None,
-            dry_run: bool, poll_s: float = 60) -> list[str]:
+            dry_run: bool, poll_s: float = 60, tpu_type: str | None = None, queued: bool = False) -> list[str]:
     """Runs dealt round-robin to the TPU VMs; each VM trains its share one after another. A
-    finished run is skipped, an unfinished one resumes from its checkpoints (trainer.resume=auto)."""
+    finished run is skipped, an unfinished one resumes from its checkpoints (trainer.resume=auto).
+    With `tpu_type` each run goes through launch/spot_loop.sh, which outlasts preemptions."""
     if not tpus:
         raise ConfigError("--mode tpu needs --tpu NAME[,NAME...] (VMs made by launch/create_tpu.sh "
                           "and launch/setup_tpu.sh)")
@@ -345,8 +394,12 @@ def run_tpu(sweep: Sweep, runs: list[Run], tpus: list[str], zone: str | None, pr
         print(f"warning: run_root {sweep.run_root} is on the TPU VMs' own disks; use gs://BUCKET/... "
               f"to keep the runs when the VMs go", file=sys.stderr, flush=True)
     # Every command is built before the first starts, so a bad base_config stops the whole sweep.
-    commands = [(run, tpu_command(sweep, run, tpus[i % len(tpus)], zone, project, dry_run))
-                for i, run in enumerate(runs)]
+    if tpu_type:
+        commands = [(run, spot_command(sweep, run, tpus[i % len(tpus)], tpu_type, zone, project, dry_run, queued))
+                    for i, run in enumerate(runs)]
+    else:
+        commands = [(run, tpu_command(sweep, run, tpus[i % len(tpus)], zone, project, dry_run))
+                    for i, run in enumerate(runs)]
     queues = [commands[i::len(tpus)] for i in range(len(tpus))]
 
     def work(queue: list[tuple[Run, list[str]]]) -> list[str]:
@@ -356,7 +409,13 @@ def run_tpu(sweep: Sweep, runs: list[Run], tpus: list[str], zone: str | None, pr
                 print(f"{run.name}: finished already, skipped", flush=True)
                 continue
             print(f"# {run.name}: {shlex.join(cmd)}", flush=True)
-            if subprocess.run(cmd).returncode != 0:
+            if tpu_type:
+                # The spot loop returns when the run is done, or when it gave up (and said why).
+                if subprocess.run(cmd).returncode != 0:
+                    print(f"{run.name}: launch/spot_loop.sh gave up on it (see above); running the sweep again "
+                          f"resumes it", flush=True)
+                    failed.append(run.name)
+            elif subprocess.run(cmd).returncode != 0:
                 print(f"{run.name}: starting it on {cmd[cmd.index('--name') + 1]} failed", flush=True)
                 failed.append(run.name)
             elif not dry_run and not wait_on_tpu(run, cmd[cmd.index("--name") + 1], zone, project, poll_s):
@@ -519,6 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tpu", default="", help="tpu mode: VM name(s), comma-separated")
     parser.add_argument("--zone", default=None, help="tpu mode (default: $ZONE or gcloud's config)")
     parser.add_argument("--project", default=None, help="tpu mode (default: $PROJECT or gcloud's config)")
+    parser.add_argument("--type", default=None, dest="tpu_type",
+                        help="tpu mode: the VMs' accelerator type (e.g. v5litepod-8); each run then goes through "
+                             "launch/spot_loop.sh, which recreates a preempted VM and resumes the run")
+    parser.add_argument("--queued", action="store_true",
+                        help="tpu mode with --type: recreate VMs through queued resources")
     parser.add_argument("--summary-only", action="store_true", help="only (re)write the summary")
     parser.add_argument("--poll-seconds", type=float, default=60,
                         help="tpu mode: how often to look whether a run has finished (default 60)")
@@ -543,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.mode == "tpu" and not args.summary_only:
         tpus = [t for t in args.tpu.split(",") if t]
         try:
-            failed = run_tpu(sweep, runs, tpus, args.zone, args.project, args.dry_run, args.poll_seconds)
+            failed = run_tpu(sweep, runs, tpus, args.zone, args.project, args.dry_run, args.poll_seconds,
+                             args.tpu_type, args.queued)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -378,7 +378,8 @@ FAKE_GCLOUD = r'''#!/usr/bin/env bash
 # $FAKE/calls and answers from queues in $FAKE: tpu_states and queued_states for describe (a
 # state, ERROR for a failure, NOT_FOUND; STATE@sleepN answers after N seconds), done for
 # `storage ls` (yes / no; or $FAKE/done_after_starts: yes once that many trainer starts were
-# made), status for the workers' reports (see report()), tail (or tail.N for worker N) for a log's
+# made; gs://X is there when $FAKE/objects/X is, for `storage ls` and `storage cat`), status for the
+# workers' reports (see report(); creates=X in a report makes gs://X), tail (or tail.N for worker N) for a log's
 # end; a queue's last line is repeated once it is the only one left. $FAKE/fail_create makes
 # create fail; $FAKE/create_failures holds how many creates fail (with $FAKE/create_error, by
 # default gcloud's stockout message) before they succeed.
@@ -408,7 +409,11 @@ report() {
   local entry steps=- states=() token i
   entry="$(pop status none)"
   for token in $entry; do
-    if [[ $token == steps=* ]]; then steps=${token#steps=}; else states+=("$token"); fi
+    case $token in
+      steps=*) steps=${token#steps=} ;;
+      creates=*) mkdir -p "$(dirname "$FAKE/objects/${token#creates=}")"; touch "$FAKE/objects/${token#creates=}" ;;
+      *) states+=("$token") ;;
+    esac
   done
   if (( ${#states[@]} == 1 )); then
     for ((i = 1; i < ${FAKE_HOSTS:-8}; i++)); do states+=("${states[0]}"); done
@@ -439,7 +444,8 @@ case "$*" in
   "compute tpus tpu-vm describe"*) describe tpu_states ;;
   "compute tpus queued-resources describe"*) describe queued_states ;;
   "compute tpus "*" create"*) create ;;
-  "storage ls"*)
+  "storage ls"* | "storage cat"*) [[ -f $FAKE/objects/${3#gs://} ]] && { cat "$FAKE/objects/${3#gs://}"; echo "$3"; exit 0; }
+    [[ $2 == cat ]] && exit 1
     if [[ -s $FAKE/done_after_starts ]]; then (( $(starts) >= $(cat "$FAKE/done_after_starts") )) && echo "$3" && exit 0; exit 1; fi
     [[ "$(pop done no)" == yes ]] && echo "$3" && exit 0; exit 1 ;;
   "compute tpus tpu-vm ssh"*"tpu_worker.sh report"*) report ;;
