@@ -22,13 +22,16 @@ from etils import epath
 from flax import nnx
 
 from pacs_jax import run_files, sharding, xla_options
+from pacs_jax.algorithms import overlong_penalty, truncated_responses
 from pacs_jax.checkpoint import Checkpointer
 from pacs_jax.compile_ahead import CompileAhead, batch_arrays
 from pacs_jax.config import Config, ConfigError, save_config, to_dict
 from pacs_jax.data import Example, PromptStream
 from pacs_jax.metrics_log import MetricsLogger, read_metrics
 from pacs_jax.models.tokenizer import Tokenizer
-from pacs_jax.policy import checkpoint_tree, config_tokenizer, decode_responses, load_examples, load_policy, needs_reference
+from pacs_jax.policy import (
+    checkpoint_tree, config_tokenizer, decode_responses, fresh_reference, load_examples, load_policy, needs_reference,
+)
 from pacs_jax.rewards.pool import VerifierPool
 from pacs_jax.sampler import Rollout, SamplingParams, generate, pad_prompts
 from pacs_jax.stopping import StopRequest
@@ -71,6 +74,10 @@ class Run:
     update: Callable  # (state, batch) -> (state, metrics); donates state
     key: jax.Array
     start_step: int
+    # The reference's resets so far and the RL steps since the last one (the post-warm-up policy
+    # counts as set at step 0); restored from the checkpoint's metrics.
+    reference_resets: int = 0
+    reference_age: int = 0
 
 
 class Sampled(NamedTuple):
@@ -120,7 +127,10 @@ def train(config: Config) -> dict:
         with stop, jax.set_mesh(run.mesh):
             if t.val_before_train and step == 0:
                 run.logger.log(0, validate(run, 0))
-            while step < t.total_steps and not stop.agreed():
+            # The hosts agree at each step boundary (a collective), and only there: the decision
+            # to stop after a step is also the decision to save it, the same on every host.
+            stopping = stop.agreed()
+            while step < t.total_steps and not stopping:
                 step += 1
                 timer = time.perf_counter()
                 examples = run.stream.next_batch(t.prompts_per_step)
@@ -132,14 +142,17 @@ def train(config: Config) -> dict:
                 scored = score(run, sampled, ahead)
                 reward_s = time.perf_counter() - timer - rollout_s
                 run.state, update_metrics = update(run, scored.batch, ahead)
+                update_metrics.update(reset_reference(run, step))
                 step_s = time.perf_counter() - timer
                 metrics = step_metrics(config, sampled, scored, update_metrics,
                                        rollout_s=rollout_s, reward_s=reward_s, step_s=step_s, epoch=run.stream.epoch)
                 progress = Progress(step, run.stream.state(), metrics, logged=False)
-                log_and_save(run, step, sampled, scored.scores, metrics, final=step == t.total_steps or stop.signal_name is not None)
+                stopping = stop.agreed()
+                log_and_save(run, step, sampled, scored.scores, metrics, final=step == t.total_steps or stopping)
                 progress.logged = True
-            if stop.reason:
+            if stopping:
                 run.checkpointer.wait()
+                log.warning("stopped by %s after step %d", stop.reason, step)  # every host
                 _say(run.main, f"stopped by {stop.reason} after step {step}; checkpoint saved in {run.checkpoint_dir}. "
                      f"Run the same command again (trainer.resume=auto) to continue.")
     except BaseException:
@@ -183,9 +196,18 @@ def score(run: Run, sampled: Sampled, ahead: Optional[CompileAhead]) -> Scored:
     texts = decode_responses(run.tokenizer, sampled.response_ids[first:last], sampled.response_mask[first:last])
     answers = [e.answer for e in sampled.examples for _ in range(group)][first:last]
     local_scores, reward_stats = run.pool.submit(texts, answers).result()
-    rewards = sharding.shard_batch({"rewards": np.asarray(local_scores, np.float32)}, mesh)["rewards"]
-    batch = batch_arrays({**arrays, **extras, "rewards": rewards, "sampler_logprobs": sampled.rollout.logprobs}, mesh)
-    return Scored(batch, _to_host(rewards), {**reward_stats, **metrics})
+    # DAPO's overlong shaping: a penalty on the rewards of long responses (reward.overlong_buffer),
+    # and the responses that reached the cap unfinished (algorithm.overlong_filter leaves them out).
+    r, reward = config.rollout, config.reward
+    truncated = truncated_responses(sampled.response_ids, sampled.response_mask, r.max_new_tokens, run.sampling.stop_ids)
+    penalty = overlong_penalty(sampled.response_mask.sum(axis=1), r.max_new_tokens, reward.overlong_buffer, reward.overlong_penalty)
+    scored = sharding.shard_batch({"rewards": np.asarray(local_scores, np.float32) + penalty[first:last],
+                                   "truncated": truncated[first:last].astype(np.float32)}, mesh)
+    metrics["response_length/truncated_fraction"] = float(truncated.mean())
+    if reward.overlong_buffer:
+        metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+    batch = batch_arrays({**arrays, **extras, **scored, "sampler_logprobs": sampled.rollout.logprobs}, mesh)
+    return Scored(batch, _to_host(scored["rewards"]), {**reward_stats, **metrics})
 
 
 def update(run: Run, batch: dict, ahead: Optional[CompileAhead]) -> tuple[TrainState, dict]:
@@ -194,6 +216,24 @@ def update(run: Run, batch: dict, ahead: Optional[CompileAhead]) -> tuple[TrainS
         ahead.wait_update()
     state, metrics = run.update(run.state, batch)
     return state, jax.device_get(metrics)
+
+
+def reset_reference(run: Run, step: int) -> dict:
+    """Paper v2 (after ProRL): every algorithm.reference_reset_every RL steps, once this step's update
+    is done, the reference becomes the current policy and the optimizer state starts afresh (the
+    learning-rate schedule goes on): the checkpoint of this step holds the new reference. Returns
+    the step's pacs/reference_resets and pacs/reference_age (steps since the last reset: 0 at one)."""
+    if run.reference is None:
+        return {}
+    c = run.config
+    run.reference_age += 1
+    if c.algorithm.reference_reset_every and run.reference_age >= c.algorithm.reference_reset_every:
+        optimizer = make_train_optimizer(c.algorithm, c.optimizer, c.trainer.total_steps * c.trainer.mini_batches)
+        reference, opt_state = fresh_reference(run.state, optimizer, run.state_sharding)
+        run.reference, run.state = reference, TrainState(run.state.params, opt_state)
+        run.reference_resets, run.reference_age = run.reference_resets + 1, 0
+        log.info("step %d: reference policy reset to the current policy (reset %d)", step, run.reference_resets)
+    return {"pacs/reference_resets": run.reference_resets, "pacs/reference_age": run.reference_age}
 
 
 def step_metrics(config: Config, sampled: Sampled, scored: Scored, update_metrics: dict, *,
@@ -237,10 +277,13 @@ def save_after_failure(run: Run, progress: Progress) -> None:
     before it ran (a compile error, say) has not donated it; one that failed while running has."""
     if progress.step <= run.start_step or not _alive(run.state):
         return
-    try:
-        if not progress.logged and progress.metrics is not None:
+    if not progress.logged and progress.metrics is not None:
+        try:
             run.logger.log(progress.step, progress.metrics)  # no hole in metrics.jsonl
             progress.logged = True
+        except Exception as log_error:  # noqa: BLE001 -- the resumed run writes it from the checkpoint's meta
+            log.error("could not log step %d after the failure: %s", progress.step, log_error)
+    try:
         try:
             run.checkpointer.wait()  # an in-flight save of this step lands, or its error is spent
         except Exception:  # noqa: BLE001 -- that step is then not listed and is saved below
@@ -357,7 +400,8 @@ def build(config: Config) -> Run:
     )
     return Run(config, main, run_dir, checkpoint_dir, tokenizer, train_examples, val_sets, mesh, graphdefs, state,
                state_sharding, reference, stream, checkpointer, logger, VerifierPool.from_config(config.reward), sampling,
-               prepare, update_fn, jax.random.key(t.seed), start_step)
+               prepare, update_fn, jax.random.key(t.seed), start_step,
+               *_reference_count(restored.meta.get("metrics") if restored is not None else None, start_step, algorithm))
 
 
 def compile_ahead(run: Run, prompts: int, prompt_width: int) -> CompileAhead:
@@ -486,6 +530,16 @@ def _continue_log(logger: MetricsLogger, run_dir: Path, step: int, saved_metrics
         logged = {r["step"] for r in read_metrics(run_dir)} if (run_dir / "metrics.jsonl").is_file() else set()
         if step not in logged:
             logger.log(step, saved_metrics)
+
+
+def _reference_count(saved_metrics: Optional[dict], step: int, algorithm) -> tuple[int, int]:
+    """(resets, age) of the reference at a restored step: what that step logged (its checkpoint's
+    metrics), else what the reset interval implies (step 0; a checkpoint without them)."""
+    saved_metrics = saved_metrics or {}
+    if "pacs/reference_age" in saved_metrics:
+        return int(saved_metrics["pacs/reference_resets"]), int(saved_metrics["pacs/reference_age"])
+    every = algorithm.reference_reset_every
+    return (step // every, step % every) if every else (0, step)
 
 
 def _meta(step: int, data_position: dict, config: Config, metrics: Optional[dict] = None) -> dict:

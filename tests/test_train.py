@@ -171,13 +171,15 @@ def test_config_errors_name_the_key():
 TIMINGS = ("time/", "tokens_per_s", "reward/check_s")
 
 
-def assert_same_metrics(expected, actual):
-    """Two runs logged the same steps with the same values (timings apart)."""
+def assert_same_metrics(expected, actual, ignore_prefix: tuple = ()):
+    """Two runs logged the same steps with the same values (timings, and keys starting with
+    `ignore_prefix`, apart)."""
+    skip = (*TIMINGS, *((ignore_prefix,) if isinstance(ignore_prefix, str) else ignore_prefix))
     assert [r["step"] for r in actual] == [r["step"] for r in expected]
     for ra, rb in zip(expected, actual):
-        assert {k for k in ra if not k.startswith(TIMINGS)} == {k for k in rb if not k.startswith(TIMINGS)}
+        assert {k for k in ra if not k.startswith(skip)} == {k for k in rb if not k.startswith(skip)}
         for key in ra:
-            if not key.startswith(TIMINGS):
+            if not key.startswith(skip):
                 assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
 
 
@@ -228,3 +230,86 @@ def test_resume_never_starts_over_and_keeps_the_earlier_run(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert_same_metrics(read_metrics(old_logs), read_metrics(tmp_path))
     assert_same_policy(earlier, old_checkpoints, config, tmp_path / "checkpoints", 2)
+
+
+class Injected(RuntimeError):
+    """A fault injected into one phase of the real trainer (the model, data and update are real)."""
+
+
+def _fail_at(function, step_to_fail: int, before: bool = True):
+    """`function` wrapped to raise Injected at its `step_to_fail`-th call (before calling it, like a
+    compile-time RESOURCE_EXHAUSTED, or after it returned)."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if before and calls[0] == step_to_fail:
+            raise Injected(f"injected failure at call {calls[0]}")
+        out = function(*args, **kwargs)
+        if not before and calls[0] == step_to_fail:
+            raise Injected(f"injected failure after call {calls[0]}")
+        return out
+
+    return wrapped
+
+
+def test_update_that_fails_before_running_saves_the_steps_before_it(tmp_path, monkeypatch):
+    """Step 3's update raises before it runs (as a compile error on a new shape would): the state
+    was not donated, so step 2 is saved (save_every=50 saved nothing since step 0), and the rerun
+    ends where an uninterrupted run ends."""
+    from pacs_jax import train as train_module
+
+    real_make = train_module.make_update_fn
+    monkeypatch.setattr(train_module, "make_update_fn", lambda *a, **k: _fail_at(real_make(*a, **k), 3))
+    config = tiny_config(tmp_path / "failed", "trainer.total_steps=4", "trainer.save_every=50")
+    with pytest.raises(Injected):
+        train(config)
+    with Checkpointer(tmp_path / "failed" / "checkpoints") as checkpointer:
+        assert checkpointer.all_steps() == [0, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "failed")] == [1, 2]
+    monkeypatch.setattr(train_module, "make_update_fn", real_make)
+    train(config)
+    straight = tiny_config(tmp_path / "straight", "trainer.total_steps=4", "trainer.save_every=50")
+    train(straight)
+    assert [r["step"] for r in read_metrics(tmp_path / "failed")] == [1, 2, 3, 4]
+    assert_same_metrics(read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "failed"))
+    assert_same_policy(straight, tmp_path / "straight" / "checkpoints", config, tmp_path / "failed" / "checkpoints", 4)
+
+
+def test_update_that_failed_while_running_saves_nothing_mislabelled(tmp_path, monkeypatch):
+    """Step 2's update ran (donating step 1's state) and its result was lost: there is no state
+    left to save, and no checkpoint claims to be step 1 or 2."""
+    from pacs_jax import train as train_module
+
+    real_make = train_module.make_update_fn
+    monkeypatch.setattr(train_module, "make_update_fn", lambda *a, **k: _fail_at(real_make(*a, **k), 2, before=False))
+    config = tiny_config(tmp_path, "trainer.total_steps=3", "trainer.save_every=50")
+    with pytest.raises(Injected):
+        train(config)
+    with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+        assert checkpointer.all_steps() == [0]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_failure_while_logging_a_step_leaves_no_hole_in_the_log(tmp_path, monkeypatch):
+    """Validation of step 2 fails after its update: step 2 is saved and its record is logged,
+    so the resumed log reads 1, 2, 3, 4, equal to an uninterrupted run's."""
+    from pacs_jax import train as train_module
+
+    val = ["trainer.eval_every=2", "data.val={v: synthetic:arithmetic}", "eval.max_problems=4", "eval.prompts_per_batch=8"]
+    real_validate = train_module.validate
+    monkeypatch.setattr(train_module, "validate", _fail_at(real_validate, 1))
+    config = tiny_config(tmp_path / "failed", "trainer.total_steps=4", "trainer.save_every=50", *val)
+    with pytest.raises(Injected):
+        train(config)
+    assert [r["step"] for r in read_metrics(tmp_path / "failed")] == [1, 2]
+    with Checkpointer(tmp_path / "failed" / "checkpoints") as checkpointer:
+        assert checkpointer.all_steps() == [0, 2]
+    monkeypatch.setattr(train_module, "validate", real_validate)
+    train(config)
+    records = read_metrics(tmp_path / "failed")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    straight = tiny_config(tmp_path / "straight", "trainer.total_steps=4", "trainer.save_every=50", *val)
+    train(straight)
+    # Step 2's validation is what failed, so its record lacks the val/ keys; everything else equal.
+    assert_same_metrics(read_metrics(tmp_path / "straight"), records, ignore_prefix="val/")
