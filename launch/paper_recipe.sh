@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole Cloud TPU recipe, step by step: bucket and permissions, weights and data into the
-# bucket, a 5-minute smoke run of configs/debug_cpu.yaml on the real slice, then the paper run
+# bucket (file by file: this machine needs disk for the largest weight shard only, ~4 GB for
+# Qwen2.5-7B, not for the 15 GB of weights), a 5-minute smoke run of configs/debug_cpu.yaml on the real slice, then the paper run
 # (on spot VMs through spot_loop.sh, or on the same on-demand VM). `--dry-run` prints every
 # command in order and runs nothing. Run it on an always-on machine: its last step, the spot loop,
 # watches the run until it is finished (days).
@@ -14,27 +15,35 @@ Usage: launch/paper_recipe.sh --bucket gs://BUCKET --name NAME --service-account
                               [--type v5p-64] [--config configs/qwen2.5_7b_pacs.yaml]
                               [--model Qwen/Qwen2.5-7B] [--run NAME] [--zone ZONE] [--project PROJECT]
                               [--on-demand] [--queued] [--skip-bucket] [--skip-upload] [--skip-smoke]
-                              [--dry-run] [--] [key=value ...]
+                              [--env KEY=VALUE ...] [--env-file FILE] [--dry-run] [--] [key=value ...]
 
   --bucket           gs://BUCKET for weights, data, runs and checkpoints (created when missing, in
                      the zone's region)
   --service-account  the TPU VMs' identity; gets roles/storage.objectAdmin on the bucket
   --type             TPU slice (default v5p-64: the paper configs' mesh, 32 chips on 8 hosts)
   --config           the paper run's config (default configs/qwen2.5_7b_pacs.yaml)
-  --model            Hugging Face model to download into models/ and copy to gs://BUCKET/models/
-                     (default Qwen/Qwen2.5-7B; the 3B configs want Qwen/Qwen2.5-3B)
+  --model            Hugging Face model to copy into gs://BUCKET/models/NAME/, one file at a time
+                     through a temporary folder here (default Qwen/Qwen2.5-7B; the 3B configs want
+                     Qwen/Qwen2.5-3B). Needs `hf` (huggingface_hub) and free disk for one file
+                     (~4 GB); a model already there (UPLOAD_COMPLETE) is not copied again
   --run              the run's name under gs://BUCKET/runs/ (default: the config's file name)
   --on-demand        an on-demand VM and train_tpu.sh for the paper run (default: spot VMs and
                      spot_loop.sh, which recreates the VM after each preemption)
   --queued           ask for the VM through a queued resource (waits for capacity)
   --skip-bucket, --skip-upload, --skip-smoke   leave out a step already done
-  key=value          config overrides for the paper run
+  --env, --env-file  environment variables for the trainer (train_tpu.sh --help): WANDB_API_KEY,
+                     HF_TOKEN, LIBTPU_INIT_ARGS, ... (a config with trainer.wandb true also gets
+                     wandb installed on the workers)
+  key=value          config overrides for the paper run. The recipe sets
+                     trainer.compile_cache=gs://BUCKET/compile_cache (every recreated VM reads the
+                     compiled programs back instead of compiling again); override it to change
 EOF
 }
 
 BUCKET="" NAME="" SA="" TYPE=v5p-64 CONFIG=configs/qwen2.5_7b_pacs.yaml MODEL=Qwen/Qwen2.5-7B RUN=""
 SPOT=1 QUEUED=0 DO_BUCKET=1 DO_UPLOAD=1 DO_SMOKE=1
 OVERRIDES=()
+TRAIN_ENV=()
 while (($#)); do
   case $1 in
     --bucket) need_value "$@"; BUCKET=${2%/}; shift 2 ;;
@@ -51,6 +60,7 @@ while (($#)); do
     --skip-bucket) DO_BUCKET=0; shift ;;
     --skip-upload) DO_UPLOAD=0; shift ;;
     --skip-smoke) DO_SMOKE=0; shift ;;
+    --env | --env-file) need_value "$@"; TRAIN_ENV+=("$1" "$2"); shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; OVERRIDES+=("$@"); break ;;
@@ -92,13 +102,40 @@ if ((DO_BUCKET)); then
     "--member=serviceAccount:$SA" --role=roles/storage.objectAdmin
 fi
 
+# The model's files, one at a time: from the hub into a temporary folder, into the bucket, deleted.
+# This machine needs disk for the largest file only. UPLOAD_COMPLETE marks a finished copy.
+upload_model() {
+  local dest="$BUCKET/$MODEL_DIR" tmp file
+  local python=${PYTHON:-python3}
+  local list_files='import sys; from huggingface_hub import list_repo_files; print("\n".join(list_repo_files(sys.argv[1])))'
+  if ((!DRY_RUN)) && gcloud storage ls "$dest/UPLOAD_COMPLETE" >/dev/null 2>&1; then
+    note "$dest holds $MODEL already (UPLOAD_COMPLETE): not copied again"
+    return
+  fi
+  if ((DRY_RUN)); then
+    run "$python" -c "$list_files" "$MODEL"
+    run hf download "$MODEL" FILE --local-dir TMP
+    run gcloud storage cp TMP/FILE "$dest/FILE"
+    note "(dry run: the two commands above run for every FILE of $MODEL, each deleted once copied)"
+    run gcloud storage cp - "$dest/UPLOAD_COMPLETE"
+    return
+  fi
+  command -v hf >/dev/null 2>&1 || die "hf (the Hugging Face CLI) is not installed: pip install -U huggingface_hub"
+  tmp="$(mktemp -d)"
+  "$python" -c "$list_files" "$MODEL" | while IFS= read -r file; do
+    [[ -n $file && $file != .gitattributes ]] || continue
+    hf download "$MODEL" "$file" --local-dir "$tmp" >/dev/null
+    gcloud storage cp "$tmp/$file" "$dest/$file"
+    rm -rf "${tmp:?}/$file" "$tmp/.cache"
+  done
+  rm -rf "$tmp"
+  echo "$MODEL" | gcloud storage cp - "$dest/UPLOAD_COMPLETE"
+}
+
 # 2. Weights and data into the bucket (the VMs copy them to their disks once each).
 if ((DO_UPLOAD)); then
   note "== 2. $MODEL and the evaluation data into $BUCKET"
-  if ((DRY_RUN)) || [[ ! -f $REPO_ROOT/$MODEL_DIR/config.json ]]; then
-    run hf download "$MODEL" --local-dir "$REPO_ROOT/$MODEL_DIR"
-  fi
-  run gcloud storage cp -r "$REPO_ROOT/$MODEL_DIR" "$BUCKET/models/"
+  upload_model
   if ((DRY_RUN)) || [[ -d $REPO_ROOT/data ]]; then
     run gcloud storage cp -r "$REPO_ROOT/data" "$BUCKET/"
   fi
@@ -117,18 +154,24 @@ if ((DO_SMOKE)); then
     trainer.eval_every=10 sft.steps=100
 fi
 
-# 4. The paper run.
-PAPER_OVERRIDES=("model.path=$BUCKET/$MODEL_DIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+# 4. The paper run. Its compiled programs go to the bucket, so a recreated VM reads them back.
+PAPER_OVERRIDES=("model.path=$BUCKET/$MODEL_DIR" "trainer.compile_cache=$BUCKET/compile_cache"
+  ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+WANDB_ARG=()
+wants_wandb "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} && WANDB_ARG=(--with-wandb)
 note "== 4. the paper run: $CONFIG into $BUCKET/runs/$RUN"
 if ((SPOT)); then
   ADOPT=()
   ((DO_SMOKE)) && ADOPT=(--adopt) # the smoke run's VM: the loop takes it over
   bash "$LAUNCH_DIR/spot_loop.sh" --name "$NAME" --type "$TYPE" "${WHERE_ARGS[@]}" --config "$CONFIG" \
     --run-dir "$BUCKET/runs/$RUN" --service-account "$SA" ${QUEUED_ARG[@]+"${QUEUED_ARG[@]}"} \
-    ${ADOPT[@]+"${ADOPT[@]}"} -- "${PAPER_OVERRIDES[@]}"
+    ${ADOPT[@]+"${ADOPT[@]}"} ${WANDB_ARG[@]+"${WANDB_ARG[@]}"} ${TRAIN_ENV[@]+"${TRAIN_ENV[@]}"} \
+    -- "${PAPER_OVERRIDES[@]}"
 else
   ((DO_SMOKE)) || "${CREATE[@]}"
-  ((DO_SMOKE)) || bash "$LAUNCH_DIR/setup_tpu.sh" --name "$NAME" "${WHERE_ARGS[@]}"
+  if ((!DO_SMOKE)) || ((${#WANDB_ARG[@]})); then
+    bash "$LAUNCH_DIR/setup_tpu.sh" --name "$NAME" "${WHERE_ARGS[@]}" ${WANDB_ARG[@]+"${WANDB_ARG[@]}"}
+  fi
   bash "$LAUNCH_DIR/train_tpu.sh" --name "$NAME" "${WHERE_ARGS[@]}" --config "$CONFIG" --no-sync \
-    --run-dir "$BUCKET/runs/$RUN" -- "${PAPER_OVERRIDES[@]}"
+    --run-dir "$BUCKET/runs/$RUN" ${TRAIN_ENV[@]+"${TRAIN_ENV[@]}"} -- "${PAPER_OVERRIDES[@]}"
 fi

@@ -781,7 +781,7 @@ RECIPE = ["--bucket", "gs://my-bucket", "--name", "pacs-7b", "--service-account"
 
 
 def test_paper_recipe_dry_run_prints_every_command_in_order(env):
-    result = run(env, "paper_recipe.sh", *RECIPE, "--dry-run", "trainer.total_steps=300")
+    result = run(env, "paper_recipe.sh", *RECIPE, "--dry-run", "trainer.total_steps=300", extra_env={"PYTHON": "python3"})
     assert result.returncode == 0, result.stderr
     steps = [c for c in printed(result) if c[0] != "git"]
 
@@ -796,9 +796,13 @@ def test_paper_recipe_dry_run_prints_every_command_in_order(env):
     iam = first("gcloud", "storage", "buckets", "add-iam-policy-binding", after=bucket)
     assert "--member=serviceAccount:tpu@my-proj.iam.gserviceaccount.com" in steps[iam]
     assert "--role=roles/storage.objectAdmin" in steps[iam]
-    download = first("hf", "download", "Qwen/Qwen2.5-7B", after=iam)
-    upload = first("gcloud", "storage", "cp", "-r", after=download, containing="gs://my-bucket/models/")
-    create = first("gcloud", "compute", "tpus", "tpu-vm", "create", "pacs-7b", after=upload)
+    # The weights go file by file from the hub to the bucket (this machine holds one file at a time).
+    listing = first("python3", "-c", after=iam, containing="list_repo_files")
+    assert steps[listing][-1] == "Qwen/Qwen2.5-7B"
+    download = first("hf", "download", "Qwen/Qwen2.5-7B", "FILE", after=listing)
+    upload = first("gcloud", "storage", "cp", "TMP/FILE", "gs://my-bucket/models/Qwen2.5-7B/FILE", after=download)
+    marker = first("gcloud", "storage", "cp", "-", "gs://my-bucket/models/Qwen2.5-7B/UPLOAD_COMPLETE", after=upload)
+    create = first("gcloud", "compute", "tpus", "tpu-vm", "create", "pacs-7b", after=marker)
     assert "--accelerator-type=v5p-64" in steps[create] and "--spot" in steps[create]
     assert "--service-account=tpu@my-proj.iam.gserviceaccount.com" in steps[create]
     sync = first("gcloud", "compute", "tpus", "tpu-vm", "ssh", after=create, containing="sync")
@@ -811,8 +815,10 @@ def test_paper_recipe_dry_run_prints_every_command_in_order(env):
     paper = first("gcloud", "compute", "tpus", "tpu-vm", "ssh", after=done, containing="tpu_worker.sh start")
     argv = shlex.split(remote_command(steps[paper]))
     assert argv[argv.index("--config") + 1] == "configs/qwen2.5_7b_pacs.yaml"
-    assert argv[-4:] == ["model.path=gs://my-bucket/models/Qwen2.5-7B", "trainer.total_steps=300",
-                         "trainer.resume=auto", "trainer.run_dir=gs://my-bucket/runs/qwen2.5_7b_pacs"]
+    # The compile cache in the bucket: a recreated VM reads the programs back.
+    assert argv[-5:] == ["model.path=gs://my-bucket/models/Qwen2.5-7B", "trainer.compile_cache=gs://my-bucket/compile_cache",
+                         "trainer.total_steps=300", "trainer.resume=auto",
+                         "trainer.run_dir=gs://my-bucket/runs/qwen2.5_7b_pacs"]
     # The spot loop adopts the smoke run's VM: no second create; it deletes the VM when done.
     assert len([c for c in steps if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]]) == 1
     assert first("gcloud", "compute", "tpus", "tpu-vm", "delete", "pacs-7b", after=paper) == len(steps) - 1
@@ -1038,3 +1044,20 @@ def test_worker_report_upload_and_log_rotation_for_real(env, tmp_path):
     logs = tmp_path / "bucket" / "b" / "runs" / "r" / "logs" / "worker-3"
     assert sorted(p.name for p in logs.iterdir()) == ["train.log", *[f"train.log.{i}" for i in range(1, 6)]]
     assert (tmp_path / "bucket" / "b" / "runs" / "r" / "rollouts" / "train_000001.jsonl").is_file()
+
+
+def test_paper_recipe_passes_environment_and_wandb(env, tmp_path):
+    env_file = tmp_path / "run.env"
+    env_file.write_text("WANDB_API_KEY=k\n")
+    result = run(env, "paper_recipe.sh", *RECIPE, "--skip-bucket", "--skip-upload", "--skip-smoke", "--dry-run",
+                 "--env-file", str(env_file), "--env", "LIBTPU_INIT_ARGS=--xla_tpu_megacore_fusion=true",
+                 "trainer.wandb=true")
+    assert result.returncode == 0, result.stderr
+    ssh = gcloud_calls(result, "compute", "tpus", "tpu-vm", "ssh")
+    assert any("pip install -q wandb==" in remote_command(c) for c in ssh)
+    [start] = [c for c in ssh if "tpu_worker.sh start" in remote_command(c)]
+    argv = shlex.split(remote_command(start))
+    assert "PACS_JAX_ENV_FILE=$HOME/.pacs_jax_env" in argv and "LIBTPU_INIT_ARGS=--xla_tpu_megacore_fusion=true" in argv
+    assert argv[-1] == "trainer.run_dir=gs://my-bucket/runs/qwen2.5_7b_pacs" and "trainer.wandb=true" in argv
+    [scp] = gcloud_calls(result, "compute", "tpus", "tpu-vm", "scp")[-1:]
+    assert scp[5:7] == [str(env_file), "pacs-7b:.pacs_jax_env"]
