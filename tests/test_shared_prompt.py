@@ -16,7 +16,7 @@ from flax import nnx
 from pacs_jax.config import AlgorithmConfig
 from pacs_jax.models import DecoderConfig, build_decoder, from_pretrained, init_decoder
 from pacs_jax.models.shared_prompt import grouped_response_hidden
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts
 from pacs_jax.update import ROLLOUT_KEYS, batch_logprobs, init_train_state, make_prepare_fn, make_update_fn
 
 VOCAB, GROUP = 89, 3
@@ -89,9 +89,20 @@ def rollout():
 
 
 @pytest.mark.parametrize("name", ["pacs", "grpo", "ppo", "rloo"])
-def test_update_and_old_logprobs_equal_the_per_row_path(rollout, name):
+def test_update_and_old_logprobs_equal_the_per_row_path(rollout, name, monkeypatch):
     algorithm = AlgorithmConfig(name=name, kl_coef=0.1 if name == "grpo" else 0.0)
     reference = nnx.state(init_decoder(CONFIG_TINY, seed=5)) if name == "grpo" else None
+    # Which arm traced the shared-prompt forward: a silent fallback to the per-row path would make
+    # both arms equal and this test pass for nothing.
+    import pacs_jax.update as update_module
+
+    traced, real_grouped = [], update_module.grouped_response_hidden
+
+    def counting(*args, **kwargs):
+        traced.append(shared)
+        return real_grouped(*args, **kwargs)
+
+    monkeypatch.setattr(update_module, "grouped_response_hidden", counting)
     results = []
     for shared in (False, True):
         graphdefs, state = init_train_state(init_decoder(CONFIG_TINY, seed=1), SGD, with_critic=name == "ppo")
@@ -101,6 +112,8 @@ def test_update_and_old_logprobs_equal_the_per_row_path(rollout, name):
         state, metrics = update(state, {**rollout, **extras})
         results.append((jax.device_get(extras), jax.device_get(state.params), jax.device_get(metrics)))
     (extras, params, metrics), (shared_extras, shared_params, shared_metrics) = results
+    # The shared arm ran the grouped forward in both passes (prepare and update), the per-row arm never.
+    assert traced.count(True) >= 2 and False not in traced, traced
     for key in extras:
         np.testing.assert_allclose(shared_extras[key], extras[key], atol=2e-5, rtol=0, err_msg=key)
     assert np.abs(np.asarray(extras["old_logprobs"])).max() > 0.1  # mini-batch 2 was really computed
