@@ -1,5 +1,5 @@
-"""Our miniature of the paper's comparison: PACS (beta 1 and 2), GRPO, PPO and RLOO on the CPU
-debug task (PACS without the "question" weights on request), with the same budget and seeds.
+"""Our miniature of the paper's comparison: PACS (beta 1 and 2), GRPO, PPO, RLOO, DAPO and GSPO on
+the CPU debug task (PACS without the "question" weights on request), with the same budget and seeds.
 
 Each seed's SFT warm-up runs once (a run with total_steps=0 that exports the warmed-up policy as
 an HF folder); every algorithm then starts from that same policy (`model.path`, `sft.steps=0`), so
@@ -11,7 +11,7 @@ runs with the same seed differ only in the algorithm. Writes, under --out:
                               called only where it exceeds two standard errors
   compare.png                 mean reward curve per variant (10-step moving average, ± 1 s.e.)
 
-    python bench/compare_algorithms.py                     # 5 variants x 3 seeds, the config's steps
+    python bench/compare_algorithms.py                     # 7 variants x 3 seeds, the config's steps
     python bench/compare_algorithms.py --seeds 0 --steps 40 --variants pacs_b1,grpo   # a quick look
 """
 
@@ -33,10 +33,17 @@ VARIANTS = {
     "grpo": ["algorithm.name=grpo"],
     "ppo": ["algorithm.name=ppo"],
     "rloo": ["algorithm.name=rloo"],
+    # configs/debug_cpu_dapo.yaml's settings: clip-higher, dual clip at 10, the soft overlong
+    # punishment (a 4-token buffer before a 16-token cap) and dynamic sampling.
+    "dapo": ["algorithm.name=grpo", "algorithm.clip_high=0.28", "algorithm.clip_ratio_c=10.0", "reward.overlong_buffer=4",
+             "rollout.max_new_tokens=16", "trainer.dynamic_sampling=true"],
+    # configs/debug_cpu_gspo.yaml's: the GSPO paper's clip range on its sequence-level ratio.
+    "gspo": ["algorithm.name=gspo", "algorithm.clip_low=3.0e-4", "algorithm.clip_high=4.0e-4",
+             "algorithm.loss_agg_mode=seq-mean-token-mean"],
     "pacs_b1_noweight": ["algorithm.name=pacs", "algorithm.beta=1.0", "algorithm.weight_mode=null"],
     "pacs_b2_noweight": ["algorithm.name=pacs", "algorithm.beta=2.0", "algorithm.weight_mode=null"],
 }
-DEFAULT_VARIANTS = ("pacs_b1", "pacs_b2", "grpo", "ppo", "rloo")
+DEFAULT_VARIANTS = ("pacs_b1", "pacs_b2", "grpo", "ppo", "rloo", "dapo", "gspo")
 WINDOW = 10
 THRESHOLDS = (0.5, 0.8)
 

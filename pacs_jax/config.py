@@ -38,6 +38,13 @@ class ModelConfig:
     # depth), "unrolled" (a Python loop: bench.step's update 1.1x faster on XLA CPU, compile time
     # grows with depth), "auto" = unrolled on CPU, scanned on TPU / GPU.
     train_layers: Literal["auto", "scan", "unrolled"] = "auto"
+    # Attention over whole sequences (the update, the old-log-prob pass, an empty-cache prefill;
+    # pacs_jax/models/attention.py): "dense" (T x T scores), "blockwise" (online softmax over blocks
+    # of attention_block tokens, memory linear in the length, any backend), "splash" (the Pallas TPU
+    # kernel), "cudnn" (cuDNN flash attention, GPU, bfloat16); "auto" = splash on TPU, cudnn on GPU
+    # in bfloat16 (else blockwise), dense on CPU.
+    attention: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = "auto"
+    attention_block: int = 512  # tokens per block (splash rounds it up to a multiple of 128)
 
 
 @dataclass
@@ -47,7 +54,7 @@ class DataConfig:
     train: str = "synthetic:arithmetic"
     # Validation sets: name -> source (same forms as `train`). Empty: no validation.
     val: dict = field(default_factory=dict)
-    # Row format: auto | deepscaler | gsm8k | math500 | aime | amc | custom (uses the fields below).
+    # Row format: auto | deepscaler | gsm8k | math500 | aime | amc | beyondaime | custom (uses the fields below).
     format: str = "auto"
     problem_field: str = "problem"
     answer_field: str = "answer"
@@ -56,6 +63,11 @@ class DataConfig:
     # Python format string with {problem} (for base models).
     prompt_template: str = "chat"
     instruction: str = " Please reason step by step, and put your final answer within \\boxed{}."
+    # With prompt_template "chat": a system message before the user turn ("" = none; paper v2: "You are a
+    # helpful assistant."), and extra variables for the chat template, as transformers'
+    # apply_chat_template(**kwargs), e.g. {enable_thinking: false} for Qwen3's non-thinking mode.
+    system_prompt: str = ""
+    chat_template_kwargs: dict = field(default_factory=dict)
     max_prompt_tokens: int = 512
     overlong_prompts: Literal["filter", "error"] = "filter"
     malformed_rows: Literal["skip", "error"] = "error"
@@ -88,7 +100,7 @@ class RolloutConfig:
     # The decode engine. "static": every row is decoded until the longest response stops.
     # "compact": every compact_every steps the unfinished rows are gathered into a smaller batch
     # (a multiple of ceil(rows / compact_buckets) rows), so decode cost follows the tokens actually
-    # generated (pacs_jax/compact.py; bench/rollout_lengths.py). Both sample the same tokens for a key.
+    # generated (pacs_jax/sampler/compact.py; bench/rollout_lengths.py). Both sample the same tokens for a key.
     # "auto": compact on CPU (measured faster), static on TPU / GPU (`compile` checks compact's
     # memory there, but no run there has measured its speed yet).
     engine: Literal["auto", "static", "compact"] = "auto"
@@ -99,7 +111,7 @@ class RolloutConfig:
     # old and the new KV cache at once, so its peak is at most (1 + this) x the running cache
     # (1.0 = compact whenever the rows fit a smaller bucket: up to 1.94x with 16 buckets).
     # 0.4 (6 of 16 buckets from the full batch): the paper 7B config on v5p-64 has 63.65 GiB of
-    # cache per chip of 95 GiB; compiled (README, Cloud TPU), its worst regroup peaks at 89.06 GiB
+    # cache per chip of 95 GiB; compiled (docs/cloud_tpu.md), its worst regroup peaks at 89.06 GiB
     # at 0.4, 93.09 GiB (98%, too tight) at 0.45, and does not fit at 0.5 or 1.0. Simulated on
     # rlvr lengths (8192 rows x 4096, bench/RESULTS.md): 2.63x fewer decode row-steps than the
     # static loop, against 3.76x at 1.0.
@@ -149,6 +161,14 @@ class AlgorithmConfig:
     adv_estimator: Literal["rloo", "grpo", "naive"] = "rloo"
     norm_adv_by_std: bool = True
     weight_mode: Optional[Literal["question", "only_positive", "only_negative"]] = "question"
+    # The policy the PACS score compares against (reward_method "1"): "old" = pi_old, the policy that
+    # sampled the batch (the authors' code and paper v1: the score is 0 on the first mini-batch);
+    # "reference" = a reference policy pi_ref (paper v2, Eq. 7), the post-warm-up policy until a reset.
+    score_reference: Literal["old", "reference"] = "old"
+    # Paper v2 / ProRL: every N RL steps the reference becomes the current policy and the optimizer's
+    # state (Adam moments and their count) starts afresh; the learning-rate schedule goes on. 0 = never.
+    # Needs a reference: score_reference=reference (PACS) or kl_coef > 0 (GRPO's KL term).
+    reference_reset_every: int = 0
     # GRPO / GSPO / PPO (GSPO's paper: 3e-4 / 4e-4, its ratio is a per-token geometric mean)
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -243,6 +263,13 @@ class TrainerConfig:
     # mesh.data * mesh.fsdp (else per-response rows); ignored with pack_row_tokens (packed rows are
     # per sequence).
     shared_prompts: bool = True
+    # DAPO's dynamic sampling (pacs_jax/dynamic_sampling.py): groups whose rewards are all equal are
+    # dropped and more prompts sampled, in rounds of prompts_per_step (one compiled shape), until
+    # the batch is full, at most dynamic_sampling_max_rounds rounds (then all-equal groups fill the
+    # rest and the log says so). For every algorithm; PACS learns from all-equal groups too (each
+    # response's label is its reward), so its configs leave it off.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 8
     # How the engines' programs compile on CPU (pacs_jax/xla_options.py): "fast" = LLVM level 1,
     # and XLA's elemental kernel emitters for the programs without a backward pass: about a third
     # less compile time (a short run's first step is mostly compile) for steps within noise;
@@ -489,6 +516,8 @@ def _validate_reference(a: AlgorithmConfig) -> None:
 def validate(config: Config) -> None:
     """Checks that need no device and no files beyond the config itself."""
     t, r, a, o = config.trainer, config.rollout, config.algorithm, config.optimizer
+    _require(config.model.attention_block >= 1,
+             f"model.attention_block must be a positive number of tokens (e.g. 512), got {config.model.attention_block}")
     _require(r.group_size >= 1, f"rollout.group_size must be >= 1, got {r.group_size}")
     _require(r.max_new_tokens > 0, f"rollout.max_new_tokens must be > 0, got {r.max_new_tokens}")
     _require(r.temperature >= 0, f"rollout.temperature must be >= 0 (0 = greedy), got {r.temperature}")
@@ -535,6 +564,16 @@ def validate(config: Config) -> None:
         f"mini-batch (prompts_per_step / mini_batches)",
     )
     _require(t.total_steps >= 0, f"trainer.total_steps must be >= 0, got {t.total_steps}")
+    _require(
+        t.dynamic_sampling_max_rounds >= 1,
+        f"trainer.dynamic_sampling_max_rounds must be >= 1 (rounds of prompts_per_step prompts per step), "
+        f"got {t.dynamic_sampling_max_rounds}",
+    )
+    _require(
+        not t.dynamic_sampling or r.group_size >= 2,
+        f"trainer.dynamic_sampling drops groups whose rewards are all equal, which needs rollout.group_size >= 2, "
+        f"got {r.group_size}",
+    )
     _require(t.save_every >= 0 and t.keep_last >= 1, "trainer.save_every must be >= 0 and trainer.keep_last >= 1")
     needs_group = a.name in ("pacs", "rloo", "grpo", "gspo")
     if a.name == "rloo" or (a.name == "pacs" and a.adv_estimator == "rloo"):
@@ -556,6 +595,7 @@ def validate(config: Config) -> None:
         f"got {a.clip_ratio_c}; use .inf to turn the dual clip off",
     )
     _require(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
+    _validate_reference(a)
     _require(
         a.seq_norm_divisor >= 0,
         f"algorithm.seq_norm_divisor must be >= 0 (0 = the padded response length), got {a.seq_norm_divisor}",
@@ -601,6 +641,11 @@ def validate(config: Config) -> None:
     )
     _require(config.sft.steps >= 0 and config.sft.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1")
     _require(config.data.max_prompt_tokens > 0, "data.max_prompt_tokens must be > 0")
+    _require(
+        config.data.prompt_template == "chat" or not (config.data.system_prompt or config.data.chat_template_kwargs),
+        "data.system_prompt and data.chat_template_kwargs go to the chat template, which "
+        f"data.prompt_template={config.data.prompt_template!r} does not use; set data.prompt_template=chat or leave them empty",
+    )
     _require(
         max(r.prompt_buckets) >= config.data.max_prompt_tokens,
         f"rollout.prompt_buckets (largest {max(r.prompt_buckets)}) must cover data.max_prompt_tokens="

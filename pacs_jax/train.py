@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from pacs_jax import run_files, sharding, xla_options
+from pacs_jax import dynamic_sampling, run_files, sharding, xla_options
 from pacs_jax.algorithms import overlong_penalty, truncated_responses
 from pacs_jax.checkpoint import Checkpointer
 from pacs_jax.compile_ahead import CompileAhead, batch_arrays
@@ -30,7 +30,8 @@ from pacs_jax.data import Example, PromptStream
 from pacs_jax.metrics_log import MetricsLogger, read_metrics
 from pacs_jax.models.tokenizer import Tokenizer
 from pacs_jax.policy import (
-    checkpoint_tree, config_tokenizer, decode_responses, fresh_reference, load_examples, load_policy, needs_reference,
+    abstract_train_state, checkpoint_tree, config_tokenizer, decode_responses, export_hf, fresh_reference, load_examples,
+    load_policy, needs_reference, policy_config,
 )
 from pacs_jax.rewards.pool import VerifierPool
 from pacs_jax.sampler import Rollout, SamplingParams, generate, pad_prompts
@@ -78,6 +79,8 @@ class Run:
     # counts as set at step 0); restored from the checkpoint's metrics.
     reference_resets: int = 0
     reference_age: int = 0
+    # The first step's old-log-prob and update programs, compiling while its rollout runs.
+    ahead: Optional[CompileAhead] = None
 
 
 class Sampled(NamedTuple):
@@ -89,6 +92,13 @@ class Sampled(NamedTuple):
     rollout: Rollout
     response_ids: np.ndarray
     response_mask: np.ndarray
+
+
+class Verified(NamedTuple):
+    """The verifier's rewards for this process's rows, and the pool's statistics."""
+
+    scores: np.ndarray
+    stats: dict
 
 
 class Scored(NamedTuple):
@@ -121,7 +131,6 @@ def train(config: Config) -> dict:
     run = build(config)
     step = run.start_step
     progress = Progress(step, run.stream.state())
-    ahead = None  # the first step's passes, compiled while its rollout compiles and runs
     stop = StopRequest()
     try:
         with stop, jax.set_mesh(run.mesh):
@@ -133,15 +142,11 @@ def train(config: Config) -> dict:
             while step < t.total_steps and not stopping:
                 step += 1
                 timer = time.perf_counter()
-                examples = run.stream.next_batch(t.prompts_per_step)
-                prompts = pad_prompts([e.prompt_ids for e in examples], config.rollout.prompt_buckets, run.tokenizer.pad_id)
-                if ahead is None and not t.pack_row_tokens:
-                    ahead = compile_ahead(run, len(examples), prompts[0].shape[1])
-                sampled = rollout(run, examples, *prompts, step)
+                sampled, verified = collect(run, step)
                 rollout_s = time.perf_counter() - timer
-                scored = score(run, sampled, ahead)
+                scored = score(run, sampled, verified)
                 reward_s = time.perf_counter() - timer - rollout_s
-                run.state, update_metrics = update(run, scored.batch, ahead)
+                run.state, update_metrics = update(run, scored.batch)
                 update_metrics.update(reset_reference(run, step))
                 step_s = time.perf_counter() - timer
                 metrics = step_metrics(config, sampled, scored, update_metrics,
@@ -169,33 +174,90 @@ def train(config: Config) -> dict:
 # ------------------------------------------------------------------------------ phases
 
 
-def rollout(run: Run, examples: list[Example], prompt_ids: np.ndarray, prompt_mask: np.ndarray, step: int) -> Sampled:
+def collect(run: Run, step: int) -> tuple[Sampled, Optional[Verified]]:
+    """This step's rollout: trainer.prompts_per_step prompts, or with trainer.dynamic_sampling,
+    rounds of that many until the batch is full of groups whose rewards vary (then their rewards
+    come checked already)."""
+    if run.config.trainer.dynamic_sampling:
+        return sample_varied_groups(run, step)
+    return rollout(run, run.stream.next_batch(run.config.trainer.prompts_per_step), step), None
+
+
+def rollout(run: Run, examples: list[Example], step: int, round_: int = 0) -> Sampled:
     """Sample `group_size` responses per prompt. Every process builds the same global prompt
     batch and feeds the rows its devices hold; the responses come back to every host."""
+    t = run.config.trainer
+    prompt_ids, prompt_mask = pad_prompts([e.prompt_ids for e in examples], run.config.rollout.prompt_buckets, run.tokenizer.pad_id)
+    if run.ahead is None and not t.pack_row_tokens and not t.dynamic_sampling:
+        run.ahead = compile_ahead(run, len(examples), prompt_ids.shape[1])
     first, last = sharding.process_slice(len(examples), run.mesh)
     prompts = sharding.shard_batch({"ids": prompt_ids[first:last], "mask": prompt_mask[first:last]}, run.mesh)
+    key = jax.random.fold_in(run.key, step)
+    key = jax.random.fold_in(key, round_) if round_ else key  # round 0 draws what a plain step draws
     out = generate((run.graphdefs["policy"], run.state.params["policy"]), prompts["ids"], prompts["mask"],
-                   jax.random.fold_in(run.key, step), run.sampling, run.config.rollout.group_size)
+                   key, run.sampling, run.config.rollout.group_size)
     response_ids, response_mask = _to_host((out.response_ids, out.response_mask))
     return Sampled(examples, prompt_ids, prompt_mask, out, response_ids, response_mask)
 
 
-def score(run: Run, sampled: Sampled, ahead: Optional[CompileAhead]) -> Scored:
+def verify(run: Run, sampled: Sampled) -> Verified:
+    """The verifier's rewards for this process's rows (the host pool, with hard time limits)."""
+    first, last = sharding.process_slice(len(sampled.response_ids), run.mesh)
+    texts = decode_responses(run.tokenizer, sampled.response_ids[first:last], sampled.response_mask[first:last])
+    answers = [e.answer for e in sampled.examples for _ in range(run.config.rollout.group_size)][first:last]
+    local_scores, stats = run.pool.submit(texts, answers).result()
+    return Verified(np.asarray(local_scores, np.float32), stats)
+
+
+def sample_varied_groups(run: Run, step: int) -> tuple[Sampled, Verified]:
+    """DAPO's dynamic sampling (pacs_jax/dynamic_sampling.py): rounds of prompts_per_step prompts,
+    at the one compiled shape, until prompts_per_step groups whose rewards vary are in hand, at
+    most trainer.dynamic_sampling_max_rounds rounds (then all-equal groups fill the batch, and the
+    log says so). The data position moves past every prompt sampled, so a resume is exact."""
+    t, group, mesh = run.config.trainer, run.config.rollout.group_size, run.mesh
+    rounds, varied, examples, stats = [], [], [], {}
+    while len(rounds) < t.dynamic_sampling_max_rounds and sum(int(v.sum()) for v in varied) < t.prompts_per_step:
+        sampled = rollout(run, run.stream.next_batch(t.prompts_per_step), step, round_=len(rounds))
+        local = verify(run, sampled)
+        scores = _to_host(sharding.shard_batch({"scores": local.scores}, mesh)["scores"])
+        rounds.append({"prompt_ids": sampled.prompt_ids, "prompt_mask": sampled.prompt_mask, "scores": scores,
+                       "response_ids": sampled.response_ids, "response_mask": sampled.response_mask,
+                       "logprobs": _to_host(sampled.rollout.logprobs)})
+        varied.append(dynamic_sampling.varied_groups(scores, group))
+        examples.append(sampled.examples)
+        stats = {k: stats.get(k, 0.0) + v for k, v in local.stats.items()}
+    chosen = dynamic_sampling.choose_groups(varied, t.prompts_per_step)
+    kept = sum(int(varied[r][g]) for r, g in chosen)
+    if kept < t.prompts_per_step:
+        log.warning("dynamic sampling: %d of %d groups vary after %d rounds; all-equal groups fill the rest",
+                    kept, t.prompts_per_step, len(rounds))
+    batch = dynamic_sampling.gather_groups(rounds, chosen, group, run.tokenizer.pad_id)
+    rows = {"prompt_ids": np.repeat(batch["prompt_ids"], group, axis=0), "prompt_mask": np.repeat(batch["prompt_mask"], group, axis=0),
+            "response_ids": batch["response_ids"], "response_mask": batch["response_mask"], "logprobs": batch["logprobs"]}
+    first, last = sharding.process_slice(len(batch["scores"]), mesh)
+    device = sharding.shard_batch({k: v[first:last] for k, v in rows.items()}, mesh)
+    lengths = batch["response_mask"].sum(axis=1)
+    rollout_arrays = Rollout(**device, lengths=lengths, decode_steps=np.int32(batch["response_mask"].shape[1]))
+    sampled = Sampled([examples[r][g] for r, g in chosen], batch["prompt_ids"], batch["prompt_mask"], rollout_arrays,
+                      batch["response_ids"], batch["response_mask"])
+    stats.update({"filter/kept_groups": kept, "filter/rounds": len(rounds), "filter/prompts_sampled": len(rounds) * t.prompts_per_step})
+    return sampled, Verified(batch["scores"][first:last], stats)
+
+
+def score(run: Run, sampled: Sampled, verified: Optional[Verified] = None) -> Scored:
     """The update's batch: the rollout, its old log-probs (dispatched to the device first) and the
-    verifier's rewards (checked on the host meanwhile)."""
-    config, mesh, group = run.config, run.mesh, run.config.rollout.group_size
+    verifier's rewards (checked on the host meanwhile, unless `verified` holds them already)."""
+    config, mesh = run.config, run.mesh
     arrays = batch_arrays({k: getattr(sampled.rollout, k) for k in ROLLOUT_KEYS}, mesh)
     metrics = {}
     if config.trainer.pack_row_tokens:
         packed, metrics = _pack(config, mesh, sampled, run.tokenizer.pad_id)
         arrays.update(packed)
-    if ahead is not None:
-        ahead.wait_prepare()
+    if run.ahead is not None:
+        run.ahead.wait_prepare()
     extras = run.prepare(run.state.params, run.reference, arrays)
     first, last = sharding.process_slice(len(sampled.response_ids), mesh)
-    texts = decode_responses(run.tokenizer, sampled.response_ids[first:last], sampled.response_mask[first:last])
-    answers = [e.answer for e in sampled.examples for _ in range(group)][first:last]
-    local_scores, reward_stats = run.pool.submit(texts, answers).result()
+    local_scores, reward_stats = verified if verified is not None else verify(run, sampled)
     # DAPO's overlong shaping: a penalty on the rewards of long responses (reward.overlong_buffer),
     # and the responses that reached the cap unfinished (algorithm.overlong_filter leaves them out).
     r, reward = config.rollout, config.reward
@@ -210,10 +272,10 @@ def score(run: Run, sampled: Sampled, ahead: Optional[CompileAhead]) -> Scored:
     return Scored(batch, _to_host(scored["rewards"]), {**reward_stats, **metrics})
 
 
-def update(run: Run, batch: dict, ahead: Optional[CompileAhead]) -> tuple[TrainState, dict]:
+def update(run: Run, batch: dict) -> tuple[TrainState, dict]:
     """One RL update (mini-batches x micro-batches); the old state is donated."""
-    if ahead is not None:
-        ahead.wait_update()
+    if run.ahead is not None:
+        run.ahead.wait_update()
     state, metrics = run.update(run.state, batch)
     return state, jax.device_get(metrics)
 
@@ -298,7 +360,8 @@ def save_after_failure(run: Run, progress: Progress) -> None:
 
 
 def finish(run: Run, step: int) -> dict:
-    """The end of a complete run: plots, the summary, the DONE marker, the HF export."""
+    """The end of a complete run: plots, the HF export, then the DONE marker (a run whose export
+    failed is not done: the spot loop starts it again, and it exports again)."""
     t = run.config.trainer
     outputs = {"run_dir": run.run_dir, "metrics": run.run_dir / "metrics.jsonl", "checkpoints": run.checkpoint_dir, "step": step}
     if step < t.total_steps:
@@ -308,17 +371,13 @@ def finish(run: Run, step: int) -> dict:
 
         outputs["plots"] = plot_runs([run.run_dir], run.run_dir / "plots") if step > 0 else []
         run_files.upload_logs(run.run_dir, t.run_dir, run.main)
+    if t.export_hf:  # every process: each parameter is gathered from the hosts holding it
+        policy = nnx.merge(run.graphdefs["policy"], run.state.params["policy"])
+        outputs["export_hf"] = export_hf(policy, t.export_hf, run.config.model.tokenizer or run.config.model.path)
+    if run.main:
         # The spot-VM loop and sweeps read this marker: the run needs no further restarts.
         for folder in {t.run_dir, run.checkpoint_dir}:
             (epath.Path(folder) / "DONE").write_text(f"{step}\n")
-    if t.export_hf:
-        from pacs_jax.models import save_pretrained
-
-        policy = nnx.merge(run.graphdefs["policy"], run.state.params["policy"])
-        if run.main:
-            tokenizer_dir = run.config.model.tokenizer or run.config.model.path
-            save_pretrained(policy, t.export_hf, tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None)
-        outputs["export_hf"] = Path(t.export_hf)
     return outputs
 
 
@@ -339,10 +398,10 @@ def build(config: Config) -> Run:
     val_sets = {name: load_examples(src, config, tokenizer, name) for name, src in config.data.val.items()} if validating else {}
     if config.sft.steps and any(not e.solution for e in train_examples):
         raise ConfigError(f"sft.steps={config.sft.steps} needs reference solutions, which {config.data.train} does not provide")
-    policy = load_policy(config, tokenizer)
+    decoder_config = policy_config(config, tokenizer)  # model.path's config.json: no weights read yet
     mesh = sharding.make_mesh(config.mesh)
     sharding.validate_mesh_for_model(
-        mesh, policy.config, t.prompts_per_step, r.group_size, mini_batches=t.mini_batches, micro_batches=t.micro_batches
+        mesh, decoder_config, t.prompts_per_step, r.group_size, mini_batches=t.mini_batches, micro_batches=t.micro_batches
     )
 
     checkpoint_dir = t.checkpoint_dir or f"{t.run_dir.rstrip('/')}/checkpoints"
@@ -356,9 +415,11 @@ def build(config: Config) -> Run:
         run_files.download_logs(t.run_dir, run_dir)
         save_config(config, run_dir / "config.yaml")
     optimizer = make_train_optimizer(algorithm, config.optimizer, t.total_steps * t.mini_batches)
-    graphdefs, state = init_train_state(policy, optimizer, with_critic=algorithm.name == "ppo")
+    # The state as shapes and shardings first: a resumed run restores straight into its shards and
+    # never reads model.path's weights.
+    graphdefs, state = abstract_train_state(decoder_config, optimizer, with_critic=algorithm.name == "ppo")
     state_sharding = sharding.train_state_shardings(state, mesh)
-    state = jax.device_put(state, state_sharding)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sharding)
     logger = MetricsLogger(run_dir, t.total_steps, tensorboard=t.tensorboard, wandb=t.wandb,
                            wandb_project=t.wandb_project, config=to_dict(config), is_main_process=main)
     stream = PromptStream(train_examples, seed=t.seed, shuffle=config.data.shuffle)
@@ -375,6 +436,8 @@ def build(config: Config) -> Run:
         _continue_log(logger, run_dir, start_step, restored.meta.get("metrics"))
         log.info("resumed from %s step %d", checkpoint_dir, start_step)
     else:
+        # Each host reads its devices' shards of the weights; the optimizer state is made sharded.
+        _, state = init_train_state(load_policy(config, tokenizer, mesh), optimizer, with_critic=algorithm.name == "ppo", mesh=mesh)
         if config.sft.steps:
             state = _warm_up(config, graphdefs, state, train_examples, tokenizer, state_sharding)
         if needs_reference(config):

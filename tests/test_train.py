@@ -313,3 +313,33 @@ def test_failure_while_logging_a_step_leaves_no_hole_in_the_log(tmp_path, monkey
     train(straight)
     # Step 2's validation is what failed, so its record lacks the val/ keys; everything else equal.
     assert_same_metrics(read_metrics(tmp_path / "straight"), records, ignore_prefix="val/")
+
+
+def test_dynamic_sampling_trains_on_varied_groups_and_resumes_exactly(tmp_path):
+    """DAPO's dynamic sampling through the real trainer: rounds of prompts until the batch holds
+    prompts_per_step groups whose rewards vary; the update's batch (the dumped rollouts) holds
+    only such groups when the rounds sufficed; the data position counts every prompt sampled, so a
+    split run equals a straight one."""
+    dynamic = ["algorithm.name=grpo", "trainer.dynamic_sampling=true", "trainer.dynamic_sampling_max_rounds=4",
+               "reward.verifier=verifiers_for_tests:first_char_even", "trainer.dump_rollouts_every=1", "trainer.save_every=2"]
+    straight = tiny_config(tmp_path / "straight", *dynamic, "trainer.total_steps=3")
+    train(straight)
+    records = read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        rounds, kept = record["filter/rounds"], record["filter/kept_groups"]
+        assert 1 <= rounds <= 4 and record["filter/prompts_sampled"] == rounds * 8
+        assert kept == 8 or rounds == 4
+        lines = [json.loads(x) for x in (tmp_path / "straight" / "rollouts" / f"train_{record['step']:06d}.jsonl").read_text().splitlines()]
+        assert len(lines) == 16  # 8 groups of 2
+        scores = np.array([line["score"] for line in lines]).reshape(8, 2)
+        # Each logged reward is the verifier's on the dumped response (the rows were gathered right).
+        assert [line["score"] for line in lines] == [1.0 if line["response"] and ord(line["response"][0]) % 2 == 0 else 0.0 for line in lines]
+        assert int((scores[:, 0] != scores[:, 1]).sum()) == kept
+        assert record["reward/mean"] == pytest.approx(scores.mean())
+    assert any(r["filter/rounds"] > 1 for r in records)  # more prompts were really sampled
+    train(tiny_config(tmp_path / "split", *dynamic, "trainer.total_steps=2"))
+    resumed = tiny_config(tmp_path / "split", *dynamic, "trainer.total_steps=3")
+    train(resumed)
+    assert_same_metrics(records, read_metrics(tmp_path / "split"))
+    assert_same_policy(straight, tmp_path / "straight" / "checkpoints", resumed, tmp_path / "split" / "checkpoints", 3)

@@ -1,6 +1,7 @@
-"""Verifiers that misbehave on purpose, imported by VerifierPool workers in tests/test_rewards.py.
+"""Verifiers for tests: ones that misbehave on purpose, imported by VerifierPool workers in
+tests/test_rewards.py, and a task an untrained tiny model half solves (first_char_even).
 
-Each one behaves like an exact-match verifier except on the response that triggers it.
+The misbehaving one behaves like an exact-match verifier except on the response that triggers it.
 """
 
 import ctypes
@@ -28,3 +29,10 @@ def misbehaving(response: str, ground_truth: str) -> float:
     if response == "nan":
         return float("nan")
     return 1.0 if response == ground_truth else 0.0
+
+
+def first_char_even(response: str, ground_truth: str) -> float:
+    """A task a random tiny model solves about half the time: the response's first character has an
+    even code point. Groups of its rewards are sometimes all equal and sometimes not, which is what
+    dynamic sampling's tests need (the arithmetic task's rewards are all 0 for an untrained model)."""
+    return 1.0 if response and ord(response[0]) % 2 == 0 else 0.0
