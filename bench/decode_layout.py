@@ -32,7 +32,8 @@ from bench.common import OUT_DIR, machine_info, timed, write_json  # noqa: E402
 from pacs_jax import sharding  # noqa: E402
 from pacs_jax.config import MeshConfig  # noqa: E402
 from pacs_jax.models import DecoderConfig, init_decoder  # noqa: E402
-from pacs_jax.rollout import SamplingParams, _generate, generate, pad_prompts  # noqa: E402
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts  # noqa: E402
+from pacs_jax.sampler.static import _generate  # noqa: E402
 
 MODELS = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,

@@ -7,7 +7,7 @@ and a sort-based top-k / top-p filter.
     python -m bench.decode_profile --model tiny
 
 Layer-stack timings run `--steps` decode steps inside one jitted `lax.while_loop` with the KV
-cache as the loop carry (as pacs_jax.rollout does), so in-place updates and copies behave as
+cache as the loop carry (as pacs_jax/sampler/static.py does), so in-place updates and copies behave as
 they do there. Pieces: the decoder with its KV cache, its layers scanned (what `generate` runs
 on TPU / GPU) and unrolled (on CPU), the same layers without a cache (the matmul floor), the
 baseline revision's decoder (checked to produce the same hidden states), the LM head, and `sample_token` at the settings that matter (temperature 1 over
@@ -34,7 +34,8 @@ from flax import nnx
 from bench.common import OUT_DIR, machine_info, make_tiny_hf_folder, matmul_peak_flops, write_json
 from pacs_jax.models import KVCache, from_pretrained
 from pacs_jax.models.llama import LayerKVCache
-from pacs_jax.rollout import SamplingParams, inverse_cdf_sample, sample_token
+from pacs_jax.sampler import SamplingParams
+from pacs_jax.sampler.tokens import inverse_cdf_sample, sample_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +78,7 @@ def best_times(fns: dict, repeats: int) -> dict[str, float]:
 def decode_loop(graphdef, config, cache_mask, token, start_index: int, steps: int, layers: str = "scan"):
     """`steps` decode steps in a while_loop from a prefilled cache; returns the final hidden states.
     layers: "scan" (stacked weights and cache), "unrolled" (per-layer weights and cache, split
-    before the loop, as pacs_jax.rollout does on CPU), or "none" (the scan without a cache)."""
+    before the loop, as pacs_jax/sampler/static.py does on CPU), or "none" (the scan without a cache)."""
 
     @jax.jit
     def run(state, cache):

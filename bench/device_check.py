@@ -120,7 +120,7 @@ def kv_bytes_per_position(config) -> int:
 
 def rollout_model(name: str, hf: dict, dtype: str, args) -> dict:
     from pacs_jax.models import DecoderConfig, init_decoder
-    from pacs_jax.rollout import SamplingParams, pad_prompts
+    from pacs_jax.sampler import SamplingParams, pad_prompts
 
     config = DecoderConfig.from_hf({**hf, "model_type": "llama"}, param_dtype=dtype, compute_dtype=dtype)
     model = init_decoder(config, seed=0)

@@ -7,7 +7,7 @@ PACS's score, measured on real SmolLM2-135M-Instruct responses to GSM8K prompts.
 
 For each compute dtype (parameters float32, as in the paper configs) the trainer's own pieces run
 at identical weights, at jax's default matmul precision as in train.py:
-  sampler  pacs_jax.rollout.generate's log-probs of the tokens it sampled (temperature 1);
+  sampler  pacs_jax.sampler.generate's log-probs of the tokens it sampled (temperature 1);
   prepare  the old-log-prob pass, make_prepare_fn (what mini-batches 2..k read as old log-probs);
   loss     the log-probs inside jax.value_and_grad of the paper's PACS loss (the forward the
            gradient differentiates; the real update's own metrics are recorded next to it);
@@ -38,7 +38,7 @@ from pacs_jax.config import load_config
 from pacs_jax.models import from_pretrained
 from pacs_jax.models.smollm2 import smollm2_dir
 from pacs_jax.models.tokenizer import load_tokenizer
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts
 from pacs_jax.update import ROLLOUT_KEYS, batch_logprobs, init_train_state, make_prepare_fn, make_train_optimizer, make_update_fn
 
 ROOT = Path(__file__).resolve().parent.parent

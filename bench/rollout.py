@@ -1,4 +1,4 @@
-"""Rollout throughput: our sampler (pacs_jax.rollout.generate) against transformers' `generate`
+"""Rollout throughput: our sampler (pacs_jax.sampler.generate) against transformers' `generate`
 on the same model, weights, prompts and settings, measured in the same run.
 
     python -m bench.rollout --quick                     # SmolLM2 b32 x 64 tokens + tiny b32/b64 x 128
@@ -33,7 +33,8 @@ from bench.common import (
     matmul_params, matmul_peak_flops, peak_rss_bytes, timed, write_json,
 )
 from pacs_jax.models import from_pretrained
-from pacs_jax.rollout import DECODE_LAYERS, SamplingParams, _generate, generate, pad_prompts
+from pacs_jax.sampler import DECODE_LAYERS, SamplingParams, generate, pad_prompts
+from pacs_jax.sampler.static import _generate
 
 GSM8K = Path(__file__).resolve().parents[1] / "tests" / "data" / "gsm8k_test_50.jsonl"
 INSTRUCTION = " Please reason step by step, and put your final answer within \\boxed{}."

@@ -39,11 +39,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bench.common import OUT_DIR, TINY_HF_CONFIG, machine_info, timed, write_json
-from pacs_jax import compact
+from pacs_jax.config import MeshConfig
 from pacs_jax.models import DecoderConfig, init_decoder
 from pacs_jax.models.llama import KVCache, LayerKVCache
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts
-from pacs_jax.config import MeshConfig
+from pacs_jax.sampler import SamplingParams, compact, generate, pad_prompts
 from pacs_jax.sharding import BATCH_AXES, make_mesh
 
 # SmolLM2-135M's shape (random weights: lengths are forced, so the weights do not matter).

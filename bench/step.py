@@ -42,7 +42,7 @@ from pacs_jax import sharding, xla_options
 from pacs_jax.compile_ahead import CompileAhead, batch_arrays
 from pacs_jax.config import AlgorithmConfig, MeshConfig
 from pacs_jax.models import DecoderConfig, init_decoder
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts
 from pacs_jax.update import ROLLOUT_KEYS, init_train_state, make_prepare_fn, make_update_fn
 
 BOS, FIRST_REAL = 1, 3

@@ -154,5 +154,5 @@ def test_a_rerun_reads_its_programs_from_the_compile_cache(tmp_path):
                             capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     hits = set(re.findall(r"Persistent compilation cache hit for '(\w+)'", second.stderr))
-    # The rollout is the compacting engine's programs on CPU (pacs_jax/compact.py), then the update.
+    # The rollout is the compacting engine's programs on CPU (pacs_jax/sampler/compact.py), then the update.
     assert {"jit__start", "jit__decode", "jit__finish", "jit_update"} <= hits, second.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The compacting decode engine (`rollout.engine: compact`, pacs_jax/compact.py) against the same
+"""The compacting decode engine (`rollout.engine: compact`, pacs_jax/sampler/compact.py) against the same
 references as the static sampler: transformers' greedy generate, the static sampler's own draws
 for the same key, and the sampling distribution (chi-square). Every test makes the running batch
 shrink (buckets of one row, a compaction check every step or two)."""
@@ -12,10 +12,9 @@ import torch
 import transformers
 from flax import nnx
 
-from pacs_jax import compact
 from pacs_jax.config import Config, ConfigError, MeshConfig, validate
 from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts, sampling_weights
+from pacs_jax.sampler import SamplingParams, compact, generate, pad_prompts, sampling_weights
 from pacs_jax.sharding import make_mesh
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=256)
@@ -110,7 +109,7 @@ def test_samples_what_the_static_sampler_samples(layers, regroups):
     model = tiny_llama(seed=3)
     ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13]], [12], 0)
     sampling = dict(temperature=0.8, top_k=30, top_p=0.9, stop_ids=tuple(range(3, 15)), decode_layers=layers, decode_segments=3, min_segment_steps=1)
-    static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling), group_size=4)
+    static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, engine="static", **sampling), group_size=4)
     ours = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling, **compacting()), group_size=4)
     for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "lengths", "decode_steps"):
         np.testing.assert_array_equal(np.asarray(getattr(ours, field)), np.asarray(getattr(static, field)), err_msg=field)
@@ -133,7 +132,7 @@ def test_rows_split_over_devices_compact_within_their_blocks(regroups):
     model = tiny_llama(seed=3)
     ids, mask = pad_prompts([[4, 5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13], [20, 21, 22, 23]], [12], 0)
     sampling = dict(temperature=0.8, top_k=30, stop_ids=tuple(range(3, 15)), decode_layers="scan", decode_segments=2, min_segment_steps=1)
-    static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, **sampling), group_size=4)
+    static = generate(model, ids, mask, jax.random.key(5), SamplingParams(16, engine="static", **sampling), group_size=4)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     graphdef, state = nnx.split(model)
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -145,6 +144,45 @@ def test_rows_split_over_devices_compact_within_their_blocks(regroups):
     np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(static.logprobs), atol=1e-5)
     assert len(set(np.asarray(static.lengths).tolist())) > 2, static.lengths  # rows finished at different steps
     assert regroups and all(rows % 4 == 0 for rows in regroups) and regroups[-1] < 16, regroups
+
+
+def test_rows_that_do_not_divide_over_the_mesh(regroups):
+    """90 rows (a validation batch of eval.prompts_per_batch=30 at 3 samples, as eval passes it:
+    host arrays) on mesh.data=4 with every engine default. The running batch is padded to 92 rows
+    (4 blocks of 23) and compacts within its blocks to multiples of 8 (the quantum ceil(92 / 16)
+    = 6, rounded up to the 4 blocks). Forced stops: 66 rows stop in the first chunk of 32 steps,
+    20 in the second, 4 (one per block) run to the cap; the engine once regrouped these 90 -> 24
+    -> 6 rows and raised at 6 (not a multiple of the 4 blocks of the 24-row batch). Tokens,
+    log-probs and lengths are the static engine's on the same mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    model = tiny_llama(seed=3)
+    rng = np.random.default_rng(4)
+    ids, mask = pad_prompts([list(rng.integers(5, 97, rng.integers(1, 9))) for _ in range(30)], [8], 0)
+    rows, new_tokens, blocks = 90, 96, 4
+    live_after_32 = np.array([int(k * rows / 24) + 1 for k in range(24)])  # spread over the rows
+    long_rows = live_after_32[[2, 8, 14, 20]]  # one in each block of 23 rows, and of 6 among these 24
+    stop_at = rng.integers(0, 32, rows)
+    stop_at[live_after_32] = rng.integers(32, 64, 24)
+    stop_at[long_rows] = 1000  # never: clipped at the cap
+    assert sorted(long_rows // 23) == [0, 1, 2, 3]
+    sampling = dict(temperature=1.0, stop_ids=(3, 4))
+    mesh = make_mesh(MeshConfig(data=blocks, fsdp=1, tensor=2))
+    graphdef, state = nnx.split(model)
+    split = (graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+    with jax.set_mesh(mesh):
+        outs = {engine: generate(split, ids, mask, jax.random.key(9), SamplingParams(new_tokens, engine=engine, **sampling),
+                                 group_size=3, stop_at=stop_at) for engine in ("static", "compact")}
+    # The first call grows the unrolled decode's caches to the segment's slots; then, after 32
+    # steps, the bucket of 4 x the most live rows in a block of 23; after 64, one row per block.
+    first = -(-blocks * max(np.sum(live_after_32 // 23 == b) for b in range(blocks)) // 8) * 8
+    assert first <= 0.4 * 92 and 8 <= 0.4 * first
+    assert regroups == [92, first, 8]
+    for field in ("response_ids", "response_mask", "lengths", "decode_steps"):
+        np.testing.assert_array_equal(np.asarray(getattr(outs["compact"], field)), np.asarray(getattr(outs["static"], field)),
+                                      err_msg=field)
+    np.testing.assert_allclose(np.asarray(outs["compact"].logprobs), np.asarray(outs["static"].logprobs), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(outs["static"].lengths), np.minimum(stop_at + 1, new_tokens))
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (8, 0.8)])
@@ -243,7 +281,8 @@ def test_regroups_keep_at_most_max_keep_of_the_running_rows(max_keep, decode_row
     total, new_tokens = 32, 16
     stop_at = np.random.default_rng(0).permutation(np.arange(total) // 2)  # 2 rows stop at each step 0..15
     params = dict(temperature=1.0, stop_ids=(3, 4, 5), decode_layers="scan")
-    static = generate(model, ids, mask, jax.random.key(1), SamplingParams(new_tokens, **params), group_size=4, stop_at=stop_at)
+    static = generate(model, ids, mask, jax.random.key(1), SamplingParams(new_tokens, engine="static", **params), group_size=4,
+                      stop_at=stop_at)
     ours = generate(model, ids, mask, jax.random.key(1), SamplingParams(
         new_tokens, **params, engine="compact", compact_every=1, compact_buckets=16, compact_max_keep=max_keep),
         group_size=4, stop_at=stop_at)
@@ -313,19 +352,25 @@ def test_bad_engine_config_names_the_field(key, value, match):
 
 
 @pytest.mark.slow
-def test_trainer_steps_equal_with_either_engine(tmp_path):
+def test_trainer_steps_equal_with_either_engine(tmp_path, regroups):
     """The trainer samples through `rollout.engine` on the sharded path (8 virtual devices): a step
-    with the compacting engine scores, measures and updates exactly as one with the static loop."""
+    with the compacting engine scores, measures and updates exactly as one with the static loop.
+    64 rows (8 per device) and 96 new tokens of an untrained model (its stop token has
+    probability ~1/128 per step): the running batch compacts once every device holds a finished
+    row (to 56 rows or fewer: buckets of 8, one row per device)."""
     from test_train import read_metrics, tiny_config  # tests/test_train.py's tiny arithmetic run
 
     from pacs_jax.train import train
 
     records = {}
     for engine in ("static", "compact"):
-        config = tiny_config(tmp_path / engine, "trainer.total_steps=1", f"rollout.engine={engine}",
-                             "rollout.compact_every=1", "rollout.compact_buckets=16", "rollout.temperature=1.5")
+        config = tiny_config(tmp_path / engine, "trainer.total_steps=1", f"rollout.engine={engine}", "trainer.prompts_per_step=32",
+                             "rollout.max_new_tokens=96", "rollout.compact_every=1", "rollout.compact_buckets=16",
+                             "rollout.compact_max_keep=1.0", "rollout.temperature=1.5")
         train(config)
         records[engine] = read_metrics(tmp_path / engine)[-1]
+    assert regroups and min(regroups) < 64, regroups  # it compacted (the first calls only grow the caches)
+    assert records["static"]["response_length/mean"] < 96  # rows stopped early
     for key in ("reward/mean", "response_length/mean", "response_length/max", "loss", "grad_norm"):
         assert records["compact"][key] == pytest.approx(records["static"][key], rel=1e-4, abs=1e-6), key
 
@@ -333,8 +378,9 @@ def test_trainer_steps_equal_with_either_engine(tmp_path):
 def test_engine_auto_compacts_on_cpu_only():
     auto = SamplingParams(4, engine="auto")
     assert auto.compacts("cpu") and not auto.compacts("tpu") and not auto.compacts("gpu")
-    assert SamplingParams(4, engine="compact").compacts("tpu") and not SamplingParams(4).compacts("cpu")
-    assert Config().rollout.engine == "auto"
+    assert SamplingParams(4, engine="compact").compacts("tpu") and not SamplingParams(4, engine="static").compacts("cpu")
+    # The library's default is the trainer's.
+    assert SamplingParams(4).engine == Config().rollout.engine == "auto"
 
 
 @pytest.mark.slow
@@ -351,9 +397,10 @@ def test_real_smollm2_greedy_equals_the_static_loop(smollm2_path, regroups):
     prompts = [tokenizer.encode(tokenizer.chat_prompt(q)) for q in ("What is 2 + 3?", "Name a prime number larger than 10.", "Say hi.")]
     ids, mask = pad_prompts(prompts, [64], pad_id=tokenizer.pad_id)
     (stop_id,) = tokenizer.encode(STOP_TOKEN)
-    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(stop_id,)))
+    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, engine="static", temperature=0.0, stop_ids=(stop_id,)))
     stops = (stop_id, int(np.asarray(free.response_ids)[0, 3]))  # row 0 stops by step 3
-    static = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=stops, pad_id=tokenizer.pad_id))
+    static = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, engine="static", temperature=0.0, stop_ids=stops,
+                                                                          pad_id=tokenizer.pad_id))
     ours = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=stops, pad_id=tokenizer.pad_id, **compacting()))
     np.testing.assert_array_equal(np.asarray(ours.response_ids), np.asarray(static.response_ids))
     np.testing.assert_array_equal(np.asarray(ours.lengths), np.asarray(static.lengths))

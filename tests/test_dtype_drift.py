@@ -23,7 +23,7 @@ from flax import nnx
 from pacs_jax.algorithms import pacs_loss
 from pacs_jax.config import load_config
 from pacs_jax.models import from_pretrained, save_pretrained
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts
 from pacs_jax.update import ROLLOUT_KEYS, batch_logprobs, init_train_state, make_prepare_fn, make_train_optimizer, make_update_fn
 
 PAPER = load_config(Path(__file__).resolve().parent.parent / "configs" / "qwen2.5_7b_pacs.yaml")

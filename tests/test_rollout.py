@@ -1,6 +1,7 @@
-"""The sampler against independent references: transformers' greedy generate, a float64
-log-softmax of transformers' logits for the sampled log-probs, the training forward pass, and the
-softmax distribution (chi-square)."""
+"""The sampler's static engine (engine="static", pacs_jax/sampler/static.py; the compacting engine
+has tests/test_continuous.py) against independent references: transformers' greedy generate, a
+float64 log-softmax of transformers' logits for the sampled log-probs, the training forward pass,
+and the softmax distribution (chi-square)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,11 @@ import torch
 import transformers
 
 from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
-from pacs_jax.rollout import SamplingParams, _generate, generate, pad_prompts, sample_token, sampling_weights
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts, sample_token, sampling_weights
+from pacs_jax.sampler.static import _generate
 from pacs_jax.update import response_logprobs
 
-# Both ways a decode step can run the layers (pacs_jax.rollout.SamplingParams.decode_layers).
+# Both ways a decode step can run the layers (pacs_jax.sampler.SamplingParams.decode_layers).
 LAYER_LOOPS = ["scan", "unrolled"]
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=256)
 
@@ -64,7 +66,7 @@ def test_greedy_matches_transformers_generate(kind, layers, tmp_path):
     eos_id = int(free_run[1, 4])
     expected = hf_greedy(hf_model, prompts, 12, eos_id=eos_id)
     ids, mask = pad_prompts(prompts, [16, 32], pad_id=0)
-    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, temperature=0.0, stop_ids=(eos_id,), decode_layers=layers, prefill_chunk=4))
+    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(12, engine="static", temperature=0.0, stop_ids=(eos_id,), decode_layers=layers, prefill_chunk=4))
     response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
     for row in range(len(prompts)):
         want = list(expected[row])
@@ -80,7 +82,7 @@ def test_logprobs_equal_training_forward(layers):
     config = DecoderConfig.from_hf({**TINY, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
     model = init_decoder(config, seed=0)
     ids, mask = pad_prompts([[5, 6, 7], [8, 9, 10, 11, 12, 13]], [8], pad_id=0)
-    params = SamplingParams(16, temperature=0.7, top_k=20, top_p=0.9, stop_ids=(3, 4, 5), decode_layers=layers, prefill_chunk=2)
+    params = SamplingParams(16, engine="static", temperature=0.7, top_k=20, top_p=0.9, stop_ids=(3, 4, 5), decode_layers=layers, prefill_chunk=2)
     out = generate(model, ids, mask, jax.random.key(7), params, group_size=3)
     assert out.response_ids.shape == (6, 16)
     recomputed = response_logprobs(model, out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, temperature=0.7)
@@ -117,7 +119,7 @@ def test_logprobs_match_a_float64_log_softmax_of_transformers_logits(layers, tmp
     model = from_pretrained(tmp_path)
     ids, mask = pad_prompts([[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]], [12], pad_id=0)
     temperature = 0.7
-    params = SamplingParams(10, temperature=temperature, top_k=20, top_p=0.9, stop_ids=(3,), decode_layers=layers, prefill_chunk=4)
+    params = SamplingParams(10, engine="static", temperature=temperature, top_k=20, top_p=0.9, stop_ids=(3,), decode_layers=layers, prefill_chunk=4)
     out = generate(model, ids, mask, jax.random.key(3), params, group_size=3)
     response_mask = np.asarray(out.response_mask)
     assert response_mask.sum() > 20
@@ -137,7 +139,7 @@ def test_response_mask_ends_at_first_stop_token():
     model = init_decoder(config)
     ids, mask = pad_prompts([[1, 2, 3]] * 4, [4], 0)
     stops = tuple(range(10, 10 + TINY["vocab_size"] // 2))
-    out = generate(model, ids, mask, jax.random.key(1), SamplingParams(24, temperature=1.0, stop_ids=stops, pad_id=0), group_size=2)
+    out = generate(model, ids, mask, jax.random.key(1), SamplingParams(24, engine="static", temperature=1.0, stop_ids=stops, pad_id=0), group_size=2)
     first_stops = []
     for row, row_mask, length in zip(np.asarray(out.response_ids), np.asarray(out.response_mask), np.asarray(out.lengths)):
         hits = [i for i, t in enumerate(row) if t in stops]
@@ -221,11 +223,11 @@ def test_early_stop_runs_fewer_iterations(layers):
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config, seed=2)
     ids, mask = pad_prompts([[4, 5, 6], [7, 8]], [8], 0)
-    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0, decode_layers=layers))
+    free = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, engine="static", temperature=0.0, decode_layers=layers))
     assert int(free.decode_steps) == 20
     # Stop on the tokens greedy decoding emits at step 3: every row is done after 4 iterations.
     stops = tuple(int(t) for t in np.asarray(free.response_ids)[:, 3])
-    early = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, temperature=0.0, stop_ids=stops, decode_layers=layers))
+    early = generate(model, ids, mask, jax.random.key(0), SamplingParams(20, engine="static", temperature=0.0, stop_ids=stops, decode_layers=layers))
     assert int(early.decode_steps) <= 4
     assert np.asarray(early.lengths).max() <= 4
 
@@ -233,7 +235,7 @@ def test_early_stop_runs_fewer_iterations(layers):
 def test_no_recompile_within_a_bucket():
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4})
     model = init_decoder(config)
-    params = SamplingParams(4, temperature=1.0, stop_ids=(2,))
+    params = SamplingParams(4, engine="static", temperature=1.0, stop_ids=(2,))
     rng = np.random.default_rng(0)
     before = _generate._cache_size()
     for step, lengths in enumerate([(3, 7), (12, 1), (16, 16), (5, 9)]):
@@ -250,7 +252,7 @@ def test_bfloat16_sampling_runs(layers):
     config = DecoderConfig.from_hf({**TINY, "model_type": "llama", "num_attention_heads": 4}, param_dtype="bfloat16", compute_dtype="bfloat16")
     model = init_decoder(config)
     ids, mask = pad_prompts([[4, 5, 6]], [8], 0)
-    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=1.0, decode_layers=layers), group_size=2)
+    out = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, engine="static", temperature=1.0, decode_layers=layers), group_size=2)
     assert out.response_ids.shape == (2, 6) and np.isfinite(np.asarray(out.logprobs)).all()
 
 
@@ -309,7 +311,7 @@ def test_decode_segments_layer_loops_and_prefill_chunks_change_nothing_but_the_w
     # Each value of each setting appears (with both loops: chunked and not, several segments).
     variants = [dict(decode_segments=n, min_segment_steps=1, decode_layers=layers, prefill_chunk=chunk)
                 for n, layers, chunk in [(1, "scan", 0), (3, "scan", 4), (13, "scan", 0), (1, "unrolled", 4), (3, "unrolled", 0), (13, "unrolled", 4)]]
-    outs = [generate(model, ids, mask, jax.random.key(0), SamplingParams(13, temperature=0.0, **v), group_size=2) for v in variants]
+    outs = [generate(model, ids, mask, jax.random.key(0), SamplingParams(13, engine="static", temperature=0.0, **v), group_size=2) for v in variants]
     for variant, out in zip(variants[1:], outs[1:]):
         np.testing.assert_array_equal(np.asarray(out.response_ids), np.asarray(outs[0].response_ids), err_msg=str(variant))
         np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(outs[0].logprobs), atol=1e-5, err_msg=str(variant))
@@ -324,7 +326,7 @@ def test_prefill_in_length_sorted_row_groups_matches_one_pass():
     rng = np.random.default_rng(3)
     lengths = rng.permutation(np.arange(1, 17))
     ids, mask = pad_prompts([list(rng.integers(3, 97, n)) for n in lengths], [16], 0)
-    grouped = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=0.0, decode_layers="unrolled", prefill_chunk=4))
-    one_pass = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, temperature=0.0, decode_layers="scan", prefill_chunk=0))
+    grouped = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, engine="static", temperature=0.0, decode_layers="unrolled", prefill_chunk=4))
+    one_pass = generate(model, ids, mask, jax.random.key(0), SamplingParams(6, engine="static", temperature=0.0, decode_layers="scan", prefill_chunk=0))
     np.testing.assert_array_equal(np.asarray(grouped.response_ids), np.asarray(one_pass.response_ids))
     np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(one_pass.logprobs), atol=1e-5)

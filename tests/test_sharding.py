@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from pacs_jax import sharding
 from pacs_jax.config import AlgorithmConfig, ConfigError, MeshConfig, OptimizerConfig
 from pacs_jax.models import DecoderConfig, init_decoder
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts
 from pacs_jax.update import ROLLOUT_KEYS, init_train_state, make_prepare_fn, make_train_optimizer, make_update_fn
 
 CONFIG = DecoderConfig.from_hf(dict(

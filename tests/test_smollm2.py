@@ -16,7 +16,7 @@ import transformers  # noqa: E402
 from pacs_jax.models import from_pretrained, save_pretrained  # noqa: E402
 from pacs_jax.models.smollm2 import STOP_TOKEN  # noqa: E402
 from pacs_jax.models.tokenizer import load_tokenizer  # noqa: E402
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts  # noqa: E402
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts  # noqa: E402
 
 pytestmark = pytest.mark.smollm2
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models import DecoderConfig, init_decoder
-from pacs_jax.rollout import SamplingParams, generate, pad_prompts
+from pacs_jax.sampler import SamplingParams, generate, pad_prompts
 from pacs_jax.update import (
     ROLLOUT_KEYS,
     init_train_state,

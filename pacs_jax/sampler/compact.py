@@ -1,6 +1,6 @@
 """The compacting decode engine (`rollout.engine: compact`): decode cost follows the tokens generated.
 
-The static sampler (`pacs_jax.rollout`) decodes every row until the longest one stops, so with
+The static engine (`sampler/static.py`) decodes every row until the longest one stops, so with
 RLVR-like lengths (mean a quarter of the cap, a few rows clipped) most of its decode work goes to
 rows that are already done. This engine decodes in chunks of `compact_every` steps; between chunks
 the host reads how many rows are still running and, when that count fits a smaller bucket
@@ -9,7 +9,8 @@ into a batch of that size, if that keeps at most `compact_max_keep` of the runni
 regroup holds the old and the new cache at once: this caps its peak). Finished rows are written
 to the full-size output first. When the rows are split over devices (mesh data x fsdp), each
 device's block of rows is compacted within itself, so a regroup moves no cache between devices
-and holds only its own old and new rows.
+and holds only its own old and new rows; the running batch is padded (with finished copies of its
+last row) to a multiple of those blocks, so any row count runs on any mesh.
 
 What it keeps from the static sampler (and why this design, not slot refill; see
 ../shared/notes/continuous_batching.md): every row started at step 0, so all rows still write
@@ -40,7 +41,10 @@ from flax import nnx
 
 from pacs_jax import xla_options
 from pacs_jax.models.llama import Decoder, KVCache, LayerKVCache, layer_index, stacked_layer_count
-from pacs_jax.rollout import Rollout, SamplingParams, decode_token, finish_rollout, force_stop, prefill_groups, sample_token
+from pacs_jax.sampler.cache import decode_token, prefill_groups
+from pacs_jax.sampler.params import SamplingParams
+from pacs_jax.sampler.rollout import Rollout, finish_rollout
+from pacs_jax.sampler.tokens import force_stop, sample_token
 from pacs_jax.sharding import BATCH_AXES
 
 
@@ -50,7 +54,7 @@ class CompactState(NamedTuple):
     cache: KVCache | LayerKVCache  # b rows
     cache_mask: jax.Array  # [b, P + T]
     done: jax.Array  # [b] bool
-    row_ids: jax.Array  # [b] each row's place in the full batch; N marks a padding row
+    row_ids: jax.Array  # [b] each row's place in the full batch; N marks a padding row (done)
     response: jax.Array  # [b, T]
     logprobs: jax.Array  # [b, T]
 
@@ -95,17 +99,32 @@ def largest_regroup(total: int, params: SamplingParams, shards: int = 1) -> int:
     return max((rows for rows in kept if rows < total), default=total)
 
 
-def row_shards(rows: int) -> int:
+def row_shards() -> int:
     """How many contiguous blocks of rows the running batch is split into over the devices of the
-    mesh traced under (data x fsdp, as `pacs_jax.sharding` places a batch; 1 without a mesh or when
-    they do not divide `rows`). A regroup compacts each block within itself, on its own device: a
-    gather across blocks made XLA all-gather the whole cache onto every chip (1.98 TB of
-    temporaries per chip for the paper's 7B rollout on v5p-64, `python -m pacs_jax compile`)."""
+    mesh traced under (data x fsdp, as `pacs_jax.sharding` places a batch; 1 without a mesh). A
+    regroup compacts each block within itself, on its own device: a gather across blocks made XLA
+    all-gather the whole cache onto every chip (1.98 TB of temporaries per chip for the paper's 7B
+    rollout on v5p-64, `python -m pacs_jax compile`). It depends on the mesh alone, never on a row
+    count, so the host loop and every jitted function agree on it: `_start` pads the running batch
+    to a multiple of it and every bucket is one (bucket_rows)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    ways = math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.shape)
-    return ways if rows % ways == 0 else 1
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.shape)
+
+
+def padded_rows(rows: int, shards: int) -> int:
+    """The running batch's first row count: `rows`, rounded up to a multiple of `shards`."""
+    return -(-rows // shards) * shards
+
+
+def _pad_rows(x: jax.Array, rows: int, axis: int = 0) -> jax.Array:
+    """`x` with its last row along `axis` repeated up to `rows` rows (a padding row computes as a
+    real one: no all-masked attention row, no NaN)."""
+    extra = rows - x.shape[axis]
+    if not extra:
+        return x
+    return jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)], mode="edge")
 
 
 def _stop_ids(params: SamplingParams) -> jax.Array:
@@ -118,12 +137,18 @@ def _start(graphdef, state, prompt_ids, prompt_mask, *, params: SamplingParams, 
     model: Decoder = nnx.merge(graphdef, state)
     layers = model.unstacked_layers(layer_index) if unrolled else None
     logits, cache, cache_mask = prefill_groups(model, layers, prompt_ids, prompt_mask, params, group_size)
-    rows, new = logits.shape[0], params.max_new_tokens
-    response = jnp.full((rows, new), params.pad_id, jnp.int32)
-    logprobs = jnp.zeros((rows, new), jnp.float32)
-    loop = CompactState(jnp.int32(0), logits, cache, cache_mask, jnp.zeros((rows,), bool), jnp.arange(rows, dtype=jnp.int32),
-                        response, logprobs)
-    return layers, loop, Output(response, logprobs)
+    total, new = logits.shape[0], params.max_new_tokens
+    # Rows past `total` pad the batch to a multiple of the row blocks: done from the start, row id N.
+    rows = padded_rows(total, row_shards())
+    if isinstance(cache, LayerKVCache):
+        cache = LayerKVCache(tuple(_pad_rows(k, rows) for k in cache.k), tuple(_pad_rows(v, rows) for v in cache.v))
+    else:
+        cache = KVCache(_pad_rows(cache.k, rows, axis=1), _pad_rows(cache.v, rows, axis=1))
+    padding = jnp.arange(rows) >= total
+    loop = CompactState(jnp.int32(0), _pad_rows(logits, rows), cache, _pad_rows(cache_mask, rows), padding,
+                        jnp.minimum(jnp.arange(rows, dtype=jnp.int32), total),
+                        jnp.full((rows, new), params.pad_id, jnp.int32), jnp.zeros((rows, new), jnp.float32))
+    return layers, loop, Output(jnp.full((total, new), params.pad_id, jnp.int32), jnp.zeros((total, new), jnp.float32))
 
 
 @xla_options.jit(kind="forward", static_argnames=("graphdef", "params", "visible", "total_rows"), donate_argnames=("loop",))
@@ -159,7 +184,7 @@ def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, p
 def _rows_needed(done: jax.Array) -> jax.Array:
     """The fewest rows that hold every unfinished one once each block of rows (row_shards) is
     compacted within itself: blocks x the most unfinished rows in one block."""
-    shards = row_shards(done.shape[0])
+    shards = row_shards()
     return shards * jnp.max(jnp.sum(~done.reshape(shards, -1), axis=1))
 
 
@@ -196,10 +221,11 @@ def _regroup(loop: CompactState, out: Output, *, rows: int, slots: int):
     `slots` (unrolled decode), grows the caches to it."""
     out = _write_out(loop, out)
     if rows < loop.done.shape[0]:
-        blocks = row_shards(loop.done.shape[0])
-        if rows % blocks:
-            raise ValueError(f"a regroup to {rows} rows cannot keep the same number in each of the {blocks} blocks of rows "
-                             f"(mesh.data x mesh.fsdp); take the row count from bucket_rows(..., shards={blocks})")
+        blocks = row_shards()
+        if rows % blocks or loop.done.shape[0] % blocks:  # a caller's error: _start and bucket_rows keep both multiples
+            raise ValueError(f"a regroup from {loop.done.shape[0]} to {rows} rows cannot keep the same number in each of the "
+                             f"{blocks} blocks of rows (mesh.data x mesh.fsdp); take the row count from "
+                             f"bucket_rows(..., shards={blocks})")
         done = loop.done.reshape(blocks, -1)
         order = jnp.argsort(done, axis=1, stable=True)[:, : rows // blocks]
         # Rows past a block's live count are finished rows already written out: padding from now on.
@@ -228,19 +254,20 @@ def _finish(loop: CompactState, out: Output, prompt_ids, prompt_mask, *, params:
 
 def generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params: SamplingParams, group_size: int,
                      stop_at=None) -> Rollout:
-    """`rollout.generate` with the compacting engine (called through it: same arguments, same Rollout)."""
+    """`sampler.generate` with the compacting engine (called through it: same arguments, same Rollout)."""
     unrolled = params.unrolls_layers(jax.default_backend())
     index = layer_index(stacked_layer_count(state)) if unrolled else None  # see llama.layer_index
     layers, loop, out = _start(graphdef, state, prompt_ids, prompt_mask, params=params, group_size=group_size,
                                unrolled=unrolled, layer_index=index)
-    total = rows = loop.done.shape[0]
-    shards = row_shards(total)  # the mesh generate runs under, as the jitted functions see it
+    total = out.response.shape[0]  # the rows asked for; the running batch may hold padding rows past them
+    rows = padded = loop.done.shape[0]
+    shards = row_shards()  # the mesh generate runs under, as the jitted functions see it
     prompt_len = prompt_ids.shape[1]
-    step, live = 0, total
+    step, live = 0, padded
     for end in params.segment_ends():
         visible = prompt_len + end
         while step < end and live:
-            target = regroup_rows(live, rows, total, params, shards)
+            target = regroup_rows(live, rows, padded, params, shards)
             grow = visible if unrolled and loop.cache.slots < visible else 0
             if target < rows or grow:
                 loop, out = _regroup(loop, out, rows=target, slots=grow)
