@@ -69,7 +69,7 @@ class CompileAhead:
             batch = {
                 **rollout,
                 **{k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=logprobs.sharding) for k, x in extras.items()},
-                "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=logprobs.sharding),
+                **{k: jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=logprobs.sharding) for k in ("rewards", "truncated")},
                 "sampler_logprobs": logprobs,
             }
             return update.lower(state, batch).compile()

@@ -297,7 +297,7 @@ def _loss_mask(batch: dict, algorithm: AlgorithmConfig) -> jax.Array:
     """The response mask without the responses `_kept_responses` leaves out (what token means count)."""
     keep = _kept_responses(batch, algorithm)
     mask = batch["response_mask"]
-    return mask if keep is None else mask * keep[:, None].astype(mask.dtype)
+    return mask if keep is None else mask * keep[..., None].astype(mask.dtype)
 
 
 _DIFF_SUM, _DIFF_MAX = "rollout/logprob_diff_sum", "rollout/logprob_diff_max"

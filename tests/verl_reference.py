@@ -46,8 +46,10 @@ def accumulated(per_micro_batch_loss, rows, micro_batch_size, ranks=1):
     return total / ranks
 
 
-def policy_loss(old_log_prob, log_prob, advantages, mask, clip_low, clip_high, clip_ratio_c, mode):
-    """compute_policy_loss: the dual-clip PPO surrogate. Returns (loss, clipfrac, ppo_kl, clipfrac_lower)."""
+def policy_loss(old_log_prob, log_prob, advantages, mask, clip_low, clip_high, clip_ratio_c, mode, rollout_is_weights=None):
+    """compute_policy_loss: the dual-clip PPO surrogate. Returns (loss, clipfrac, ppo_kl, clipfrac_lower).
+    `rollout_is_weights` multiply the per-token loss before aggregation (verl since its rollout
+    correction, compute_policy_loss_vanilla)."""
     assert clip_ratio_c > 1.0
     negative_approx_kl = np.clip(log_prob - old_log_prob, -20.0, 20.0)
     ratio = np.exp(negative_approx_kl)
@@ -60,6 +62,8 @@ def policy_loss(old_log_prob, log_prob, advantages, mask, clip_low, clip_high, c
     clip_pg_losses2 = np.minimum(pg_losses3, clip_pg_losses1)
     pg_clipfrac_lower = masked_mean((clip_pg_losses1 > pg_losses3) * (advantages < 0).astype(float), mask)
     pg_losses = np.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
     return agg_loss(pg_losses, mask, mode), pg_clipfrac, ppo_kl, pg_clipfrac_lower
 
 
