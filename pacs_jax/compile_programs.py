@@ -251,7 +251,7 @@ def step_inputs(config: Config, decoder_config, hf: dict, mesh) -> StepInputs:
     from pacs_jax.policy import needs_reference as keeps_reference  # GRPO's KL term, PACS's v2 score
 
     needs_reference = keeps_reference(config)
-    update_batch = {**rollout_arrays, "rewards": batch_array((rows,), jnp.float32),
+    update_batch = {**rollout_arrays, "rewards": batch_array((rows,), jnp.float32), "truncated": batch_array((rows,), jnp.float32),
                     "old_logprobs": batch_array((rows, response_len), jnp.float32),
                     "sampler_logprobs": batch_array((rows, response_len), jnp.float32)}
     if needs_reference:
