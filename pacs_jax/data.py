@@ -20,9 +20,11 @@ from pacs_jax.rewards import synthetic
 _log = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-FORMATS = ("auto", "deepscaler", "math500", "aime", "amc", "gsm8k", "custom")
-# Formats whose rows already carry `problem` and `answer`.
-_PROBLEM_ANSWER_FORMATS = ("deepscaler", "math500", "aime", "amc")
+FORMATS = ("auto", "deepscaler", "math500", "aime", "amc", "beyondaime", "gsm8k", "custom")
+# Formats whose rows already carry `problem` and `answer`. BeyondAIME (ByteDance-Seed/BeyondAIME,
+# split "test": 100 problems, paper v2's fifth benchmark) has exactly those two columns, its
+# answers integers.
+_PROBLEM_ANSWER_FORMATS = ("deepscaler", "math500", "aime", "amc", "beyondaime")
 # File stems that say nothing about the data ("test.jsonl"): name the source by its folder.
 _GENERIC_STEMS = {"test", "train", "validation", "val", "dev", "data", "test_ori"}
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<16-3-4=9>>" annotations
@@ -252,7 +254,8 @@ class Example:
 def prompt_text(problem: str, tokenizer, data_config) -> tuple[str, bool]:
     """The prompt for `problem` and whether it must be encoded with BOS (raw templates only)."""
     if data_config.prompt_template == "chat":
-        return tokenizer.chat_prompt(problem + data_config.instruction), False
+        return tokenizer.chat_prompt(problem + data_config.instruction, data_config.system_prompt,
+                                     data_config.chat_template_kwargs), False
     try:
         return data_config.prompt_template.format(problem=problem, instruction=data_config.instruction), True
     except (KeyError, IndexError, ValueError) as e:

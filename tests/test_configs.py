@@ -40,7 +40,7 @@ def test_the_shipped_configs_are_all_here():
 
 def _leaves(tree: dict, prefix: str = ""):
     for key, value in tree.items():
-        if isinstance(value, dict) and not prefix.startswith("model.arch") and f"{prefix}{key}" not in ("model.arch", "data.val"):
+        if isinstance(value, dict) and not prefix.startswith("model.arch") and f"{prefix}{key}" not in ("model.arch", "data.val", "data.chat_template_kwargs"):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value

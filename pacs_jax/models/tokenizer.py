@@ -50,8 +50,10 @@ class Tokenizer:
         """Text of `ids`. It does not stop at EOS: the caller cuts the response first."""
         raise NotImplementedError
 
-    def chat_prompt(self, user_message: str) -> str:
-        """One user turn rendered by the chat template, ending where the assistant's reply starts."""
+    def chat_prompt(self, user_message: str, system: str = "", template_kwargs: Optional[dict] = None) -> str:
+        """One user turn (after a system message when `system` is set) rendered by the chat template,
+        ending where the assistant's reply starts. `template_kwargs` are extra variables for the
+        template (data.chat_template_kwargs), e.g. Qwen3's {"enable_thinking": False}."""
         raise NotImplementedError
 
     def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
@@ -84,9 +86,16 @@ def load_tokenizer(spec: str, chat_template: str = "") -> Tokenizer:
     raise TokenizerError(f"tokenizer {spec!r}: {path} is not a folder or a .model file; {expected}")
 
 
-def render_chat_template(template: str, user_message: str, **special_tokens: str) -> str:
-    """Render one user turn with add_generation_prompt=True, the way transformers renders templates
-    (sandboxed Jinja, trim_blocks, lstrip_blocks, loop controls, raise_exception)."""
+def chat_messages(user_message: str, system: str = "") -> list[dict]:
+    """The conversation of a prompt: an optional system message, then one user turn."""
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user_message}]
+
+
+def render_chat_template(template: str, user_message: str, system: str = "", template_kwargs: Optional[dict] = None,
+                         **special_tokens: str) -> str:
+    """Render one user turn (after `system`, when set) with add_generation_prompt=True, the way
+    transformers renders templates (sandboxed Jinja, trim_blocks, lstrip_blocks, loop controls,
+    raise_exception); `template_kwargs` become template variables, as apply_chat_template's kwargs."""
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -99,9 +108,9 @@ def render_chat_template(template: str, user_message: str, **special_tokens: str
     )
     environment.globals["raise_exception"] = raise_exception
     return environment.from_string(template).render(
-        messages=[{"role": "user", "content": user_message}],
+        messages=chat_messages(user_message, system),
         add_generation_prompt=True,
-        **special_tokens,
+        **{**(template_kwargs or {}), **special_tokens},
     )
 
 
@@ -137,7 +146,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, user_message: str) -> str:
+    def chat_prompt(self, user_message: str, system: str = "", template_kwargs: Optional[dict] = None) -> str:
         if not self._hf.chat_template:
             raise TokenizerError(
                 f"tokenizer in {self.folder} has no chat template; set model.chat_template (Jinja) "
@@ -145,7 +154,7 @@ class HFTokenizer(Tokenizer):
             )
         # tokenize=False: transformers 5 returns a BatchEncoding when tokenizing; we want the text.
         return self._hf.apply_chat_template(
-            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+            chat_messages(user_message, system), tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
         )
 
 
@@ -226,7 +235,7 @@ class SentencePieceTokenizer(Tokenizer):
         parts.append(self._sp.decode(run))
         return "".join(parts)
 
-    def chat_prompt(self, user_message: str) -> str:
+    def chat_prompt(self, user_message: str, system: str = "", template_kwargs: Optional[dict] = None) -> str:
         if not self.chat_template:
             raise TokenizerError(
                 f"sentencepiece model {self.model_file} carries no chat template; set "
@@ -236,6 +245,8 @@ class SentencePieceTokenizer(Tokenizer):
         return render_chat_template(
             self.chat_template,
             user_message,
+            system,
+            template_kwargs,
             bos_token=self._sp.id_to_piece(self.bos_id) if self.bos_id is not None else "",
             eos_token=self._sp.id_to_piece(self.eos_ids[0]),
         )
@@ -277,7 +288,7 @@ class CharTokenizer(Tokenizer):
                 chars.append(CHAR_SPECIALS[i] if i < len(CHAR_SPECIALS) else f"<unused{i}>")
         return "".join(chars)
 
-    def chat_prompt(self, user_message: str) -> str:
+    def chat_prompt(self, user_message: str, system: str = "", template_kwargs: Optional[dict] = None) -> str:
         return render_chat_template(
-            self.chat_template, user_message, bos_token=CHAR_SPECIALS[1], eos_token=CHAR_SPECIALS[2]
+            self.chat_template, user_message, system, template_kwargs, bos_token=CHAR_SPECIALS[1], eos_token=CHAR_SPECIALS[2]
         )
