@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pacs_jax import xla_options
     from pacs_jax.config import ConfigError, load_config
-    from pacs_jax.evaluate import evaluate
+    from pacs_jax.evaluate import evaluate_sets
     from pacs_jax.models.tokenizer import load_tokenizer
     from pacs_jax.rewards.pool import VerifierPool
     from pacs_jax.policy import load_examples, load_policy, make_sample_fn, restore_policy
@@ -49,16 +49,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.path or "", config.model.chat_template)
         policy = load_policy(config, tokenizer)
-    examples = []
-    for name, source in sets.items():
-        per_set = load_examples(source, config, tokenizer, name)
-        examples += per_set[: config.eval.max_problems or None]
+    examples = {name: load_examples(source, config, tokenizer, name)[: config.eval.max_problems or None]
+                for name, source in sets.items()}
     out_dir = Path(args.out or Path(config.trainer.run_dir) / "eval")
     sample_fn = make_sample_fn(config, tokenizer, nnx.split(policy), jax.random.key(config.trainer.seed))
+    # What the samples depend on: a rerun with these settings resumes (out_dir/parts), other ones stop.
+    e, d = config.eval, config.data
+    settings = {"model": args.checkpoint or config.model.path or "model.arch", "step": args.step,
+                "seed": config.trainer.seed, "verifier": config.reward.verifier,
+                "sampling": [e.temperature, e.top_p, e.max_new_tokens, e.prompts_per_batch],
+                "prompt": [d.prompt_template, d.instruction, d.system_prompt, d.chat_template_kwargs]}
     with VerifierPool.from_config(config.reward) as pool:
-        result = evaluate(examples, sample_fn, pool, config.eval.n_samples, out_dir=out_dir)
+        # Resumable in chunks of one sampling batch: a preempted evaluation loses one batch at most.
+        result = evaluate_sets(examples, sample_fn, pool, e.n_samples, out_dir, settings=settings, chunk=e.prompts_per_batch)
     for source, metrics in result["sources"].items():
         passes = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("pass@"))
         print(f"{source:>16}: {passes}  accuracy {metrics['accuracy']:.3f}  length {metrics['response_length/mean']:.1f}")
-    print(f"wrote {out_dir / 'eval_metrics.json'} and {out_dir / 'eval_rollouts.jsonl'}")
+    print(f"wrote {out_dir / 'eval_metrics.json'}, {out_dir / 'eval_table.md'} and {out_dir / 'eval_rollouts.jsonl'}")
     return 0

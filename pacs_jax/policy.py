@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from pacs_jax.checkpoint import Checkpointer
@@ -57,7 +59,25 @@ def checkpoint_tree(state: TrainState, reference) -> dict:
 
 
 def needs_reference(config: Config) -> bool:
-    return config.algorithm.name == "grpo" and config.algorithm.kl_coef > 0
+    """Whether the run keeps (and checkpoints) a reference policy: GRPO's KL term, or the PACS score
+    of paper v2 (algorithm.score_reference=reference)."""
+    a = config.algorithm
+    return (a.name == "grpo" and a.kl_coef > 0) or (a.name == "pacs" and a.score_reference == "reference")
+
+
+def fresh_reference(state: TrainState, optimizer: optax.GradientTransformation, state_sharding) -> tuple[Any, Any]:
+    """Paper v2's hard reset (after ProRL): (a copy of the current policy as the new reference, a fresh
+    optimizer state). Fresh means Adam's moments and their bias-correction count start again; the
+    learning-rate schedules' step counts (optax.ScaleByScheduleState) are kept, so a schedule goes on
+    where it was instead of restarting its warm-up."""
+
+    def fresh(state: TrainState):
+        new = optimizer.init(state.params)
+        schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+        opt_state = jax.tree.map(lambda n, old: old if schedule(n) else n, new, state.opt_state, is_leaf=schedule)
+        return jax.tree.map(jnp.copy, state.params["policy"]), opt_state
+
+    return jax.jit(fresh, out_shardings=(state_sharding.params["policy"], state_sharding.opt_state))(state)
 
 
 def restore_policy(config: Config, checkpoint_dir: str, step: Optional[int] = None):
@@ -73,21 +93,23 @@ def restore_policy(config: Config, checkpoint_dir: str, step: Optional[int] = No
 
 
 def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key, greedy: bool = False):
-    """sample_fn(examples, n) -> per example n (text, length) pairs, with the eval sampling settings
-    (greedy: temperature 0), in fixed-size batches (the last one padded with repeats) so every
-    batch reuses one program."""
+    """sample_fn(examples, n, stream=None) -> per example n (text, length) pairs, with the eval sampling
+    settings (greedy: temperature 0), in fixed-size batches (the last one padded with repeats) so every
+    batch reuses one program. `stream`: an integer folded into the key, so separate calls (the chunks
+    of a resumable evaluation) draw independent samples."""
     e = config.eval
     temperature, top_p = (0.0, 1.0) if greedy else (e.temperature, e.top_p)
     sampling = SamplingParams(e.max_new_tokens, temperature, top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id,
                               **config.rollout.engine_options())
 
-    def sample_fn(examples: list[Example], n_samples: int):
+    def sample_fn(examples: list[Example], n_samples: int, stream: Optional[int] = None):
+        base = key if stream is None else jax.random.fold_in(key, stream)
         results = []
         for start in range(0, len(examples), e.prompts_per_batch):
             chunk = examples[start : start + e.prompts_per_batch]
             padded = chunk + [chunk[-1]] * (e.prompts_per_batch - len(chunk))
             ids, mask = pad_prompts([x.prompt_ids for x in padded], config.rollout.prompt_buckets, tokenizer.pad_id)
-            out = generate(policy_split, ids, mask, jax.random.fold_in(key, start), sampling, n_samples)
+            out = generate(policy_split, ids, mask, jax.random.fold_in(base, start), sampling, n_samples)
             response_ids, response_mask = jax.device_get((out.response_ids, out.response_mask))
             texts = decode_responses(tokenizer, response_ids, response_mask)
             lengths = response_mask.sum(axis=1)

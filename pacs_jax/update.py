@@ -228,8 +228,11 @@ def _loss_fn(graphdefs, params, batch, algorithm: AlgorithmConfig, group_size: i
         token_weights = None
     name = algorithm.name
     if name == "pacs":
+        # Paper v2's score (algorithm.score_reference=reference) compares against the reference
+        # policy, whose log-probs come from make_prepare_fn's reference pass; v1's against pi_old.
+        baseline = batch["ref_logprobs"] if algorithm.score_reference == "reference" else old_logprobs
         loss, metrics = pacs_loss(
-            logprobs, old_logprobs, mask, batch["rewards"], group_size=group_size, beta=algorithm.beta,
+            logprobs, baseline, mask, batch["rewards"], group_size=group_size, beta=algorithm.beta,
             reward_method=algorithm.reward_method, adv_estimator=algorithm.adv_estimator,
             norm_adv_by_std=algorithm.norm_adv_by_std, weight_mode=algorithm.weight_mode,
             token_weights=token_weights, response_keep=keep,
