@@ -455,7 +455,9 @@ $(human $(($(date +%s) - NO_VM_SINCE))) so far; trying again in $create_pause s"
           continue
         fi
         tail_lines="$(worker_log_tail "$worker")"
-        last_line="$(grep -v '^===' <<<"$tail_lines" | grep -v '^[[:space:]]*$' | tail -n 1 || true)"
+        # The trainer's last words: what its own child processes printed after it died does not count.
+        last_line="$(sed '/^=== .* exited with status/q' <<<"$tail_lines" | grep -v '^===' | grep -v '^[[:space:]]*$' |
+          tail -n 1 || true)"
         if [[ $status == exited:75 ]]; then
           show_log "$worker" "$tail_lines"
           count_restart "worker $worker: a passing I/O failure outlasted the trainer's retries (exit status 75)"
