@@ -535,13 +535,16 @@ def validate(run: Run, step: int) -> dict:
 def summary(run_dir: Path) -> list[str]:
     """The end of a run in a few lines: reward over the first and last 10 steps, each validation
     metric before -> after."""
-    records = [r for r in read_metrics(run_dir) if r.get("step", 0) > 0 and "reward/mean" in r]
+    if not (Path(run_dir) / "metrics.jsonl").is_file():  # total_steps=0 (a warm-up or export only) logs nothing
+        return []
+    all_records = read_metrics(run_dir)
+    records = [r for r in all_records if r.get("step", 0) > 0 and "reward/mean" in r]
     lines = []
     if records:
         first, last = records[:10], records[-10:]
         mean = lambda rows: sum(r["reward/mean"] for r in rows) / len(rows)  # noqa: E731
         lines.append(f"  reward:      {mean(first):.3f} (first {len(first)} steps) -> {mean(last):.3f} (last {len(last)} steps)")
-    validations = [r for r in read_metrics(run_dir) if any(k.startswith("val/") and k.endswith("/pass@1") for k in r)]
+    validations = [r for r in all_records if any(k.startswith("val/") and k.endswith("/pass@1") for k in r)]
     if len(validations) >= 1:
         before, after = validations[0], validations[-1]
         for key in sorted(k for k in after if k.startswith("val/") and k.endswith("/pass@1")):

@@ -156,3 +156,22 @@ def test_a_rerun_reads_its_programs_from_the_compile_cache(tmp_path):
     hits = set(re.findall(r"Persistent compilation cache hit for '(\w+)'", second.stderr))
     # The rollout is the compacting engine's programs on CPU (pacs_jax/sampler/compact.py), then the update.
     assert {"jit__start", "jit__decode", "jit__finish", "jit_update"} <= hits, second.stderr[-3000:]
+
+
+def test_train_prints_each_validation_and_a_summary(tmp_path):
+    """The console as a user reads it: one line per validation set at each validation, and at the
+    end the reward over the first and last steps and held-out pass@1 before -> after, each equal to
+    what metrics.jsonl holds. A run of 0 steps (a warm-up and export only) prints no summary."""
+    run_dir = tmp_path / "run"
+    out = run_cli("train", "--config", "/dev/null", *TINY, f"trainer.run_dir={run_dir}", "trainer.total_steps=2",
+                  "trainer.eval_every=2", "trainer.val_before_train=true", "trainer.val_sampling=eval")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    before, after = records[0], records[-1]
+    for record in (before, after):
+        passes = " ".join(f"pass@{k} {record[f'val/arith/pass@{k}']:.3f}" for k in (1, 2, 4))
+        assert f"validation at step {record['step']} | arith | {passes} | 8 problems" in out
+    rewards = [r["reward/mean"] for r in records if "reward/mean" in r]
+    assert f"reward:      {np.mean(rewards):.3f} (first 2 steps) -> {np.mean(rewards):.3f} (last 2 steps)" in out
+    assert f"val/arith/pass@1: {before['val/arith/pass@1']:.3f} (step 0) -> {after['val/arith/pass@1']:.3f} (step 2)" in out
+    out = run_cli("train", "--config", "/dev/null", *TINY, f"trainer.run_dir={tmp_path / 'zero'}", "trainer.total_steps=0")
+    assert "done: 0 steps" in out and "reward:" not in out
