@@ -219,6 +219,29 @@ def test_debug_variants_differ_from_debug_cpu_only_in_their_algorithm(name):
     load_config(REPO / "configs" / name)
 
 
+QWEN3_VARIANTS = {  # each is qwen3_8b_grpo.yaml (paper v2's recipe) but for these keys
+    "qwen3_8b_dapo.yaml": {"algorithm", "reward.overlong_buffer", "reward.overlong_penalty", "trainer.dynamic_sampling",
+                           "trainer.dynamic_sampling_max_rounds"},
+    "qwen3_8b_gspo.yaml": {"algorithm"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3_VARIANTS))
+def test_qwen3_variants_are_the_v2_grpo_config_but_for_their_algorithm(name):
+    base = dict(_flat(yaml.safe_load((REPO / "configs" / "qwen3_8b_grpo.yaml").read_text())))
+    variant = dict(_flat(yaml.safe_load((REPO / "configs" / name).read_text())))
+    differing = {k for k in base.keys() | variant.keys() if base.get(k) != variant.get(k)}
+    allowed = QWEN3_VARIANTS[name] | {"trainer.run_dir"}
+    assert {k for k in differing if k.split(".")[0] not in allowed and k not in allowed} == set()
+    assert variant["trainer.run_dir"] == f"runs/{name[:-5]}"
+    config = load_config(REPO / "configs" / name)
+    if name == "qwen3_8b_gspo.yaml":
+        assert (config.algorithm.name, config.algorithm.clip_low, config.algorithm.clip_high) == ("gspo", 3e-4, 4e-4)
+    else:
+        a = config.algorithm
+        assert (a.name, a.clip_high, a.loss_agg_mode, config.trainer.dynamic_sampling) == ("grpo", 0.28, "token-mean", True)
+
+
 # ------------------------------------------------------------------------------ command line
 
 # Each new config as the user runs it, cut to two short steps (no warm-up, no validation) and
