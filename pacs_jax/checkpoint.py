@@ -182,6 +182,25 @@ class Checkpointer:
         None restores with the shardings recorded in the checkpoint, which only works on the
         same device topology.
         """
+        step = self._existing_step(step)
+        state_args = ocp.args.StandardRestore(None if target is None else abstract_like(target))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{STATE: state_args, META: ocp.args.JsonRestore()})
+        )
+        return restored[STATE], restored[META]
+
+    def restore_part(self, target: Any, step: int | None = None) -> Any:
+        """Only the arrays `target` names, a part of the saved tree at the same paths (e.g. a
+        train state's policy parameters: {"train": {"params": {"policy": ...}}}), placed as its
+        leaves say (as in `restore`); nothing else is read. The latest step by default."""
+        step = self._existing_step(step)
+        target = abstract_like(target)
+        state_args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+        return self._manager.restore(step, args=ocp.args.Composite(**{STATE: state_args}))[STATE]
+
+    def _existing_step(self, step: int | None) -> int:
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -190,11 +209,7 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; available steps: {self.all_steps()}"
             )
-        state_args = ocp.args.StandardRestore(None if target is None else abstract_like(target))
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{STATE: state_args, META: ocp.args.JsonRestore()})
-        )
-        return restored[STATE], restored[META]
+        return step
 
     def restore_latest_good(self, target: Any = None) -> Restored | None:
         """Restore the newest step that reads back whole; None when there is no checkpoint.

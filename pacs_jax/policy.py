@@ -3,37 +3,75 @@ a training checkpoint, and wrapped as the sampler that validation and `eval` cal
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
+from pacs_jax import sharding
 from pacs_jax.checkpoint import Checkpointer
 from pacs_jax.config import Config, ConfigError
 from pacs_jax.data import Example, build_examples, load_rows
-from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder, read_hf_config
+from pacs_jax.models import Decoder, DecoderConfig, from_pretrained, init_decoder
+from pacs_jax.models.hf import hf_decoder_config, save_hf_params
 from pacs_jax.models.tokenizer import Tokenizer, load_tokenizer
 from pacs_jax.sampler import SamplingParams, generate, pad_prompts
-from pacs_jax.update import TrainState, init_train_state, make_train_optimizer
+from pacs_jax.update import TrainState, init_train_state
 
 
-def load_policy(config: Config, tokenizer: Tokenizer):
-    """The policy from model.path (HF folder) or a random init from model.arch."""
+def policy_config(config: Config, tokenizer: Tokenizer) -> DecoderConfig:
+    """The policy's architecture: model.path's config.json, or model.arch (reads no weights)."""
     m = config.model
     if m.path:
-        read_hf_config(m.path)  # a missing folder or config.json fails here with the path
-        return from_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat, train_layers=m.train_layers)
+        return hf_decoder_config(m.path, m.param_dtype, m.compute_dtype, m.remat, m.train_layers)
     arch = {"model_type": "llama", "vocab_size": tokenizer.vocab_size, **m.arch}
     if arch["vocab_size"] < tokenizer.vocab_size:
         raise ConfigError(f"model.arch.vocab_size={arch['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    decoder_config = DecoderConfig.from_hf(
+    return DecoderConfig.from_hf(
         arch, source="model.arch", param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
         train_layers=m.train_layers,
     )
-    return init_decoder(decoder_config, seed=config.trainer.seed)
+
+
+def load_policy(config: Config, tokenizer: Tokenizer, mesh: Optional[jax.sharding.Mesh] = None) -> Decoder:
+    """The policy from model.path (HF folder) or a random init from model.arch. With `mesh`, every
+    parameter goes straight into its shards (sharding.LOGICAL_AXIS_RULES): each host reads only
+    its devices' blocks of the safetensors, and a random init runs under jit with sharded outputs,
+    so no device holds a whole copy. Without, whole arrays on the default device."""
+    decoder_config = policy_config(config, tokenizer)
+    shardings_for = None if mesh is None else (lambda state: sharding.param_shardings(state, mesh))
+    if config.model.path:
+        return from_pretrained(config.model.path, dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+                               remat=config.model.remat, train_layers=config.model.train_layers, shardings_for=shardings_for)
+    if mesh is None:
+        return init_decoder(decoder_config, seed=config.trainer.seed)
+    graphdef = nnx.graphdef(abstract_policy(decoder_config))
+    state = sharding.init_sharded(lambda: nnx.state(init_decoder(decoder_config, seed=config.trainer.seed)), mesh)
+    return nnx.merge(graphdef, state)
+
+
+def abstract_policy(decoder_config: DecoderConfig) -> Decoder:
+    """The decoder with ShapeDtypeStructs for arrays: its structure, shapes and dtypes, no memory."""
+    return nnx.eval_shape(lambda: Decoder(decoder_config, rngs=nnx.Rngs(0)))
+
+
+def abstract_train_state(decoder_config: DecoderConfig, optimizer: optax.GradientTransformation,
+                         with_critic: bool) -> tuple[dict, TrainState]:
+    """(graphdefs, train state of ShapeDtypeStructs), as `init_train_state` builds them."""
+    graphdefs = {}
+
+    def build():
+        built, state = init_train_state(Decoder(decoder_config, rngs=nnx.Rngs(0)), optimizer, with_critic)
+        graphdefs.update(built)
+        return state
+
+    return graphdefs, jax.eval_shape(build)
 
 
 def config_tokenizer(config: Config) -> Tokenizer:
@@ -80,19 +118,54 @@ def fresh_reference(state: TrainState, optimizer: optax.GradientTransformation, 
     return jax.jit(fresh, out_shardings=(state_sharding.params["policy"], state_sharding.opt_state))(state)
 
 
-def restore_policy(config: Config, checkpoint_dir: str, step: Optional[int] = None):
-    """The policy of a training checkpoint (latest step by default), as an NNX Decoder."""
+def restore_policy(config: Config, checkpoint_dir: str, step: Optional[int] = None,
+                   placement: Optional[jax.sharding.Mesh | jax.Device] = None) -> tuple[Decoder, Tokenizer]:
+    """The policy of a training checkpoint (latest step by default), as an NNX Decoder, and the
+    tokenizer. Only the policy's parameters are read (the optimizer state, a critic or a reference
+    are not), so any run restores whatever its algorithm and optimizer were, given its model.
+    `placement`: a mesh (sharded as the trainer shards it), or one device (whole there; the first
+    device by default)."""
     tokenizer = config_tokenizer(config)
-    policy = load_policy(config, tokenizer)
-    optimizer = make_train_optimizer(config.algorithm, config.optimizer, config.trainer.total_steps * config.trainer.mini_batches)
-    graphdefs, state = init_train_state(policy, optimizer, with_critic=config.algorithm.name == "ppo")
-    reference = state.params["policy"] if needs_reference(config) else None
+    graphdef, abstract = nnx.split(abstract_policy(policy_config(config, tokenizer)))
+    if isinstance(placement, jax.sharding.Mesh):
+        shardings = sharding.param_shardings(abstract, placement)
+    else:
+        device = jax.sharding.SingleDeviceSharding(placement or jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with Checkpointer(checkpoint_dir, async_save=False) as checkpointer:
-        tree, _ = checkpointer.restore(checkpoint_tree(state, reference), step)
-    return nnx.merge(graphdefs["policy"], tree["train"].params["policy"]), tokenizer
+        tree = checkpointer.restore_part({"train": {"params": {"policy": target}}}, step)
+    return nnx.merge(graphdef, tree["train"]["params"]["policy"]), tokenizer
 
 
-def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key, greedy: bool = False):
+def export_hf(policy: Decoder, folder: str, tokenizer_dir: str = "") -> str:
+    """The policy as an HF folder (config.json, model.safetensors in float32, the tokenizer's files
+    when `tokenizer_dir` is a folder), written by process 0; `folder` may be gs://. Every process
+    must call it: each parameter is gathered whole from the hosts holding its shards, one at a
+    time, so a host never holds more than the model once (process 0) or one parameter (the others)."""
+    main = jax.process_index() == 0
+
+    def gather(x):
+        whole = sharding.to_host(x)  # a collective: every process takes part
+        return np.asarray(whole, np.float32) if main else None
+
+    gathered = jax.tree.map(gather, nnx.to_pure_dict(nnx.state(policy, nnx.Param)))
+    if main:
+        tokenizer = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
+        if "://" not in folder:
+            save_hf_params(policy.config, gathered, folder, tokenizer)
+        else:
+            with tempfile.TemporaryDirectory() as local:
+                save_hf_params(policy.config, gathered, local, tokenizer)
+                target = epath.Path(folder)
+                target.mkdir(parents=True, exist_ok=True)
+                for path in sorted(Path(local).iterdir()):
+                    (target / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key, greedy: bool = False,
+                   mesh: Optional[jax.sharding.Mesh] = None):
     """sample_fn(examples, n, stream=None) -> per example n (text, length) pairs, with the eval sampling
     settings (greedy: temperature 0), in fixed-size batches (the last one padded with repeats) so every
     batch reuses one program. `stream`: an integer folded into the key, so separate calls (the chunks
@@ -101,16 +174,27 @@ def make_sample_fn(config: Config, tokenizer: Tokenizer, policy_split, key, gree
     temperature, top_p = (0.0, 1.0) if greedy else (e.temperature, e.top_p)
     sampling = SamplingParams(e.max_new_tokens, temperature, top_p, 0, tuple(tokenizer.eos_ids), tokenizer.pad_id,
                               **config.rollout.engine_options())
+    # With `mesh` the prompts are split over its data x fsdp devices as the trainer's rollout splits
+    # them (each process feeds its own rows): a batch is a multiple of that split.
+    ways = 1 if mesh is None else sharding.batch_size_divisor(mesh)
+    batch = -(-e.prompts_per_batch // ways) * ways
+
+    def place(ids, mask):
+        if mesh is None:
+            return ids, mask
+        first, last = sharding.process_slice(len(ids), mesh)
+        placed = sharding.shard_batch({"ids": ids[first:last], "mask": mask[first:last]}, mesh)
+        return placed["ids"], placed["mask"]
 
     def sample_fn(examples: list[Example], n_samples: int, stream: Optional[int] = None):
         base = key if stream is None else jax.random.fold_in(key, stream)
         results = []
         for start in range(0, len(examples), e.prompts_per_batch):
             chunk = examples[start : start + e.prompts_per_batch]
-            padded = chunk + [chunk[-1]] * (e.prompts_per_batch - len(chunk))
-            ids, mask = pad_prompts([x.prompt_ids for x in padded], config.rollout.prompt_buckets, tokenizer.pad_id)
+            padded = chunk + [chunk[-1]] * (batch - len(chunk))
+            ids, mask = place(*pad_prompts([x.prompt_ids for x in padded], config.rollout.prompt_buckets, tokenizer.pad_id))
             out = generate(policy_split, ids, mask, jax.random.fold_in(base, start), sampling, n_samples)
-            response_ids, response_mask = jax.device_get((out.response_ids, out.response_mask))
+            response_ids, response_mask = sharding.to_host((out.response_ids, out.response_mask))
             texts = decode_responses(tokenizer, response_ids, response_mask)
             lengths = response_mask.sum(axis=1)
             for i in range(len(chunk)):

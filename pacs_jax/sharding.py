@@ -348,6 +348,15 @@ def shard_batch(host_arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
     return out
 
 
+def to_host(tree: Any) -> Any:
+    """Global arrays as NumPy on every process (several processes: gathered from all of them)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 # ---------------------------------------------------------------------------- processes
 
 _METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"

@@ -32,7 +32,7 @@ from pacs_jax.config import AlgorithmConfig, OptimizerConfig
 from pacs_jax.models.llama import Decoder, indexed_layers, layer_index
 from pacs_jax.models.shared_prompt import grouped_response_hidden, shares_prompts
 from pacs_jax.packing import PACKED_KEYS
-from pacs_jax.sharding import constrain, traced_batch_ways
+from pacs_jax.sharding import constrain, traced_batch_ways, train_state_shardings
 
 ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 # What the forward passes read: the rollout, and the packed layout when the batch is packed.
@@ -184,18 +184,41 @@ def make_train_optimizer(algorithm: AlgorithmConfig, optimizer: OptimizerConfig,
 
 
 def init_train_state(
-    policy: Decoder, optimizer: optax.GradientTransformation, with_critic: bool, seed: int = 0
+    policy: Decoder, optimizer: optax.GradientTransformation, with_critic: bool, seed: int = 0, mesh=None
 ) -> tuple[Any, TrainState]:
     """Returns (graphdefs, state). The critic starts as a copy of the policy's weights and a
-    value head drawn from `seed`."""
+    value head drawn from `seed`. With `mesh` (a policy already sharded on it), the critic and the
+    optimizer state are created under jit straight into their shards (`train_state_shardings`),
+    never whole on one device; the policy's arrays are used as they are."""
     graphdefs = {}
-    params = {}
-    graphdefs["policy"], params["policy"] = nnx.split(policy)
-    if with_critic:
-        critic_decoder = nnx.merge(graphdefs["policy"], jax.tree.map(jnp.copy, params["policy"]))
-        critic = Critic(critic_decoder, jax.random.key(seed))
-        graphdefs["critic"], params["critic"] = nnx.split(critic)
-    return graphdefs, TrainState(params=params, opt_state=optimizer.init(params))
+    graphdefs["policy"], policy_params = nnx.split(policy)
+    init = make_state_init(graphdefs, optimizer, with_critic, seed)
+    if mesh is None:
+        critic, opt_state = init(policy_params)
+    else:
+        with jax.set_mesh(mesh):
+            critic, opt_state = jit_state_init(init, policy_params, mesh)(policy_params)
+    params = {"policy": policy_params, **({"critic": critic} if with_critic else {})}
+    return graphdefs, TrainState(params=params, opt_state=opt_state)
+
+
+def make_state_init(graphdefs: dict, optimizer: optax.GradientTransformation, with_critic: bool, seed: int = 0) -> Callable:
+    """init(policy params) -> (the critic's params or None, the optimizer state): what a train state
+    holds besides the policy. Tracing it sets graphdefs["critic"]."""
+
+    def init(policy_params):
+        params = {"policy": policy_params}
+        if with_critic:
+            critic_decoder = nnx.merge(graphdefs["policy"], jax.tree.map(jnp.copy, policy_params))
+            graphdefs["critic"], params["critic"] = nnx.split(Critic(critic_decoder, jax.random.key(seed)))
+        return params.get("critic"), optimizer.init(params)
+
+    return init
+
+
+def jit_state_init(init: Callable, policy_params, mesh) -> Callable:
+    """`init` jitted with its outputs in their shards on `mesh` (the program `compile` reports as init)."""
+    return jax.jit(init, out_shardings=train_state_shardings(jax.eval_shape(init, policy_params), mesh))
 
 
 # ------------------------------------------------------------------------------- losses
