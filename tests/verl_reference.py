@@ -173,8 +173,8 @@ def gspo_policy_loss(old_log_prob, log_prob, advantages, mask, clip_low, clip_hi
 
 
 def gspo_paper_objective_and_gradient(old_log_prob, log_prob, rewards, mask, group_size, clip_low, clip_high):
-    """The GSPO paper, eq. (5)-(7) and (10): J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_l, 1 + eps_h) A_i)
-    per group with s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|) and A_i the group-normalised reward
+    """The GSPO paper (section 4, the objective and its gradient):
+    J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_l, 1 + eps_h) A_i) per group, with s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|) and A_i the group-normalised reward
     (verl's unbiased std + 1e-6), averaged over the groups; its gradient in log pi(y_i,t) is
     1/G * s_i A_i / |y_i| where the unclipped term is the min, else 0. Returns (-J, d(-J)/d log pi)."""
     rows, length = mask.shape
@@ -197,7 +197,7 @@ def gspo_paper_objective_and_gradient(old_log_prob, log_prob, rewards, mask, gro
 
 
 def dapo_overlong_reward(length, max_length, cache_length, penalty_factor=1.0):
-    """The DAPO paper's soft overlong punishment, eq. (13), with verl's penalty_factor scaling it:
+    """The DAPO paper's soft overlong punishment (section 3.4), with verl's penalty_factor scaling it:
     0 up to L_max - L_cache, ((L_max - L_cache) - |y|) / L_cache in the cache, -1 beyond L_max."""
     if length <= max_length - cache_length:
         return 0.0
@@ -207,10 +207,10 @@ def dapo_overlong_reward(length, max_length, cache_length, penalty_factor=1.0):
 
 
 def dapo_objective(old_log_prob, log_prob, rewards, mask, group_size, eps_low, eps_high, truncated):
-    """The DAPO paper's objective, eq. (8), with overlong filtering (section 3.4.1: truncated
-    samples are masked out of the loss): the clipped surrogate of every token of the kept responses,
-    divided by their total length (token-level loss); advantages from all G rewards of a group
-    (verl's unbiased std + 1e-6). No dual clip. Returns -J."""
+    """The DAPO paper's objective (its token-level loss, section 3.3), with overlong filtering
+    (section 3.4: truncated samples are masked out of the loss): the clipped surrogate of every
+    token of the kept responses, divided by their total length; advantages from all G rewards of
+    a group (verl's unbiased std + 1e-6). No dual clip. Returns -J."""
     rows, length = mask.shape
     total, tokens = 0.0, 0.0
     for g in range(rows // group_size):
