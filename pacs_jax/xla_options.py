@@ -118,3 +118,9 @@ def jit(fun: Callable | None = None, /, *, kind: str, **kwargs):
     if fun is None:
         return lambda f: _Jit(f, kind, kwargs)
     return _Jit(fun, kind, kwargs)
+
+
+def backend() -> str:
+    """The backend programs are being built for: the `target` set (compile for TPU on a CPU
+    host), else jax's default."""
+    return _target or jax.default_backend()

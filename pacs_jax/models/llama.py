@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pacs_jax import xla_options
+from pacs_jax.models import attention as attention_lib
 from pacs_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -71,9 +73,21 @@ class DecoderConfig:
     # How the forward without a cache (training, log-prob passes) runs the layers: scan | unrolled
     # | auto (unrolled on CPU, scanned on accelerators, where compile time must not grow with depth).
     train_layers: str = "auto"
+    # Attention over a whole sequence (training passes, an empty-cache prefill):
+    # auto | dense | blockwise | splash | cudnn (pacs_jax.models.attention), and its block size.
+    attention: str = "auto"
+    attention_block: int = 512
 
     def unrolled_training_layers(self) -> bool:
         return self.train_layers == "unrolled" or (self.train_layers == "auto" and jax.default_backend() == "cpu")
+
+    def attend(self, q, k, v, q_segments, kv_segments):
+        """Causal attention over a whole sequence with `model.attention`'s implementation (`auto`
+        resolved for the backend the program is built for): see `attention.causal_attention`."""
+        backend = xla_options.backend()
+        implementation = attention_lib.resolve(self.attention, backend, self.compute_dtype)
+        return attention_lib.causal_attention(q, k, v, q_segments, kv_segments, 1.0 / math.sqrt(self.head_dim),
+                                              implementation=implementation, block=self.attention_block, backend=backend)
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json", **numerics) -> "DecoderConfig":
@@ -358,16 +372,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
-def attention(q, k, v, mask, scale):
-    """Grouped-query attention. q: [B,T,H,D]; k, v: [B,KV,S,D]; mask: [B,T,S] bool."""
-    batch, length, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, dim)
+attention = attention_lib.dense_attention  # grouped-query attention over a [B, T, S] mask
 
 
 def queries_as_rows(q: jax.Array, kv_heads: int) -> jax.Array:
@@ -549,6 +554,10 @@ class Decoder(nnx.Module):
             raise ValueError(f"model.remat {config.remat!r} is not one of ['none', 'full', 'dots']")
         if config.train_layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"model.train_layers {config.train_layers!r} is not one of ['auto', 'scan', 'unrolled']")
+        if config.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(f"model.attention {config.attention!r} is not one of {list(attention_lib.IMPLEMENTATIONS)}")
+        if config.attention_block < 1:
+            raise ValueError(f"model.attention_block must be a positive number of tokens, got {config.attention_block}")
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), dtype), logical_axes=("vocab", "embed"))
         self.layers = Layers(config, rngs=rngs)
@@ -584,16 +593,16 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = token_positions(attention_mask, 0 if cache is None else cache_index, length)
 
-        causal = jnp.tril(jnp.ones((length, length), bool))
+        if segment_ids is not None and (cache is not None or positions is None):
+            raise ValueError("segment_ids (packed rows) need explicit positions and no cache")
         scale = 1.0 / math.sqrt(config.head_dim)
-        # This call's tokens attend causally to the real ones among themselves.
+        # This call's tokens attend causally to the real ones among themselves (and, in packed rows,
+        # within their own segment: segments are contiguous, so causal over columns and equal
+        # segment = causal within it). As segments (config.attend never builds a [T, T] mask): a
+        # padding key's is -1; a query's is its segment, 0 in unpacked rows.
         new_real = attention_mask if cache is None else jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, length, axis=1)
-        own_mask = causal[None] & new_real[:, None, :]
-        if segment_ids is not None:
-            if cache is not None or positions is None:
-                raise ValueError("segment_ids (packed rows) need explicit positions and no cache")
-            # Segments are contiguous, so causal over columns and equal segment = causal within it.
-            own_mask = own_mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        q_segments = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        kv_segments = jnp.where(new_real, q_segments, -1)
         # A prefill into an empty cache (index 0, known when tracing) attends to its own tokens only:
         # also scoring every empty slot made the SmolLM2 prefill 1.06x slower on CPU.
         fills_empty_cache = cache is not None and isinstance(cache_index, int) and cache_index == 0
@@ -613,7 +622,8 @@ class Decoder(nnx.Module):
         if cache is None or fills_empty_cache:
 
             def body(x, params):
-                x, new_kv = decoder_layer(config, params, x, positions, inv_freq, lambda q, k, v: (attention(q, k, v, own_mask, scale), (k, v)))
+                attend = lambda q, k, v: (config.attend(q, k, v, q_segments, kv_segments), (k, v))
+                x, new_kv = decoder_layer(config, params, x, positions, inv_freq, attend)
                 return constrain_rows(x), None if cache is None else new_kv
 
             xs = layer_params
@@ -621,6 +631,7 @@ class Decoder(nnx.Module):
             # Old slots: real tokens written before this call, among the first `visible` slots.
             visible = cache.slots if visible_slots is None else visible_slots
             cache_mask = (attention_mask & (jnp.arange(cache.slots) < cache_index)[None])[:, :visible]
+            own_mask = jnp.tril(jnp.ones((length, length), bool))[None] & new_real[:, None, :]
 
             # The cache is read-only inside the scan (as xs); each layer returns its new keys/values
             # and all layers' are written with one in-place update after the scan.

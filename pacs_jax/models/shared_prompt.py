@@ -15,15 +15,12 @@ through each layer ran as fast but doubled the update's compile time: every laye
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from pacs_jax.models.llama import (
     ACTIVATION_AXES,
     Decoder,
-    attention,
     decoder_layer,
     resolve_dtype,
     rms_norm,
@@ -60,11 +57,13 @@ def grouped_response_hidden(model: Decoder, prompt_ids, prompt_mask, response_id
     response_positions = token_positions(full_mask, prompt_len, length).reshape(prompts, group * length)
     positions = jnp.concatenate([token_positions(prompt_mask, 0, prompt_len), response_positions], axis=1)
     ids = jnp.concatenate([prompt_ids, response_ids.reshape(prompts, group * length)], axis=1)
-    prompt_own = jnp.tril(jnp.ones((prompt_len, prompt_len), bool))[None] & prompt_mask[:, None, :]
-    # What each response query sees: its [prompt + response] row's causal mask, the response's rows.
+    # The masks as segments (llama.Decoder): prompt queries see the prompt's real keys causally; each
+    # response query its [prompt + response] row's, causally (the last query aligned with the last key).
     full_len = prompt_len + length
-    response_sees = jnp.tril(jnp.ones((full_len, full_len), bool))[prompt_len:][None] & full_mask[:, None, :]
-    scale = 1.0 / math.sqrt(config.head_dim)
+    prompt_segments = jnp.zeros((prompts, prompt_len), jnp.int32)
+    prompt_keys = jnp.where(prompt_mask, 0, -1)
+    response_segments = jnp.zeros((rows, length), jnp.int32)
+    response_keys_segments = jnp.where(full_mask, 0, -1)
     inv_freq = rope_inverse_frequencies(config)
 
     def attend(q, k, v):
@@ -72,7 +71,7 @@ def grouped_response_hidden(model: Decoder, prompt_ids, prompt_mask, response_id
         # Responses attend over their group's prompt keys (repeated: keys are a few percent of the
         # activations) and their own, with the ordinary attention of the [prompt + response] rows.
         heads, kv_heads, dim = q.shape[2], k.shape[1], q.shape[3]
-        prompt_out = attention(q[:, :prompt_len], k[:, :, :prompt_len], v[:, :, :prompt_len], prompt_own, scale)
+        prompt_out = config.attend(q[:, :prompt_len], k[:, :, :prompt_len], v[:, :, :prompt_len], prompt_segments, prompt_keys)
 
         def response_keys(x):
             own = x[:, :, prompt_len:].reshape(prompts, kv_heads, group, length, dim).transpose(0, 2, 1, 3, 4)
@@ -80,7 +79,7 @@ def grouped_response_hidden(model: Decoder, prompt_ids, prompt_mask, response_id
             return jnp.concatenate([prompt, own], axis=3).reshape(rows, kv_heads, full_len, dim)
 
         response_q = q[:, prompt_len:].reshape(rows, length, heads, dim)
-        response_out = attention(response_q, response_keys(k), response_keys(v), response_sees, scale)
+        response_out = config.attend(response_q, response_keys(k), response_keys(v), response_segments, response_keys_segments)
         return jnp.concatenate([prompt_out, response_out.reshape(prompts, group * length, heads, dim)], axis=1), None
 
     def body(x, params):
