@@ -830,3 +830,18 @@ def test_pacs_response_keep_drops_the_response_but_keeps_its_score_in_the_baseli
     expected = sum(keep[i] * weights[i] * (softplus(psi[i]) - rewards[i] * psi[i]) for i in range(len(rewards))) / len(rewards)
     np.testing.assert_allclose(loss, expected, **TOL)
     assert not np.asarray(grad)[[2, 9]].any() and np.abs(np.asarray(grad)[[0, 1, 3]]).max() > 1e-3
+
+
+def test_mismatch_k3_kl_keeps_its_precision_in_float32_for_a_tiny_mismatch():
+    """A sampler within 1e-4 nats of the trainer (float32 arrays): exp(d) - d - 1 would cancel to
+    rounding noise, below 0; the k3 estimate must stay close to its limit mean(d^2 / 2)."""
+    from pacs_jax.algorithms import rollout_correction_weights
+
+    rng = np.random.default_rng(48)
+    old = -rng.exponential(1.0, (8, 64))
+    d = rng.normal(0.0, 1e-4, old.shape)
+    mask = np.ones_like(old)
+    _, metrics = rollout_correction_weights(jnp.asarray(old, jnp.float32), jnp.asarray(old - d, jnp.float32),
+                                            jnp.asarray(mask, jnp.float32), mode="none", cap=2.0)
+    d32 = np.asarray(jnp.asarray(old, jnp.float32) - jnp.asarray(old - d, jnp.float32), np.float64)  # the float32 gap
+    np.testing.assert_allclose(float(metrics["rollout_corr/k3_kl"]), verl.rollout_corr_k3_kl(d32, 0 * d32, mask), rtol=0.02)

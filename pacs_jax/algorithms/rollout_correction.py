@@ -47,7 +47,8 @@ def rollout_correction_weights(
         raise ValueError(f"rollout_correction_cap must be > 1 (weights above it are capped or masked), got {cap}")
     mask = response_mask.astype(old_logprobs.dtype)
     log_ratio = jax.lax.stop_gradient(old_logprobs - sampler_logprobs) * mask
-    metrics = {"rollout_corr/k3_kl": masked_mean(jnp.exp(log_ratio) - log_ratio - 1.0, mask)}
+    # expm1: exp(d) - 1 - d for the small d of a mismatch would cancel to rounding noise (even below 0).
+    metrics = {"rollout_corr/k3_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)}
     if mode == "none":
         return mask, metrics
     if level == "sequence":
