@@ -51,17 +51,43 @@ def orbax_to_hf(orbax_dir: str | Path, out_dir: str | Path, dtype: str = "float3
     return Path(out_dir)
 
 
-def run_to_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
-    from pacs_jax.config import load_config
-    from pacs_jax.models import save_pretrained
-    from pacs_jax.policy import restore_policy
+def run_to_hf(run_dir: str | Path, out_dir: str, step: int | None = None) -> str:
+    """A training run's policy (its latest checkpoint, or `step`) as an HF folder (`out_dir` may be
+    gs://), on this machine's CPU: the checkpoint's policy alone is read into host memory, whatever
+    slice wrote it. Needs the run's model (model.path's config.json, or model.arch) to know the
+    architecture."""
+    import jax
 
-    run = Path(run_dir)
-    config = load_config(run / "config.yaml")
-    policy, _ = restore_policy(config, config.trainer.checkpoint_dir or str(run.resolve() / "checkpoints"), step)
-    tokenizer_dir = config.model.tokenizer or config.model.path
-    save_pretrained(policy, out_dir, tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None)
-    return Path(out_dir)
+    from pacs_jax.config import load_config
+    from pacs_jax.policy import export_hf, restore_policy
+
+    config = load_config(str(Path(run_dir) / "config.yaml"))
+    checkpoint_dir = run_checkpoint_dir(run_dir, config.trainer.run_dir, config.trainer.checkpoint_dir)
+    policy, _ = restore_policy(config, checkpoint_dir, step, placement=jax.devices("cpu")[0])
+    return export_hf(policy, str(out_dir), config.model.tokenizer or config.model.path)
+
+
+def run_checkpoint_dir(run_dir: str | Path, configured_run_dir: str, checkpoint_dir: str) -> str:
+    """Where a run's checkpoints are, seen from here. A relative trainer.checkpoint_dir was relative
+    to the directory training ran in: found from where `run_dir` is (trainer.run_dir, when relative,
+    is the same path from that directory), else relative to the run directory itself."""
+    run = Path(run_dir).expanduser().resolve()
+    if not checkpoint_dir:
+        return str(run / "checkpoints")
+    if "://" in checkpoint_dir or Path(checkpoint_dir).expanduser().is_absolute():
+        return checkpoint_dir
+    candidates = []
+    configured = Path(configured_run_dir)
+    if "://" not in configured_run_dir and not configured.is_absolute() and configured.parts:
+        depth = len(configured.parts)
+        if run.parts[-depth:] == Path(*configured.parts).parts and len(run.parts) > depth:
+            candidates.append(Path(*run.parts[:-depth]) / checkpoint_dir)  # the directory training ran in
+    candidates.append(run / checkpoint_dir)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate)
+    raise FileNotFoundError(f"trainer.checkpoint_dir={checkpoint_dir} of {run_dir}/config.yaml is not at "
+                            f"{' or '.join(str(c) for c in candidates)}")
 
 
 def _copy_side_files(source: Path, target: Path) -> None:

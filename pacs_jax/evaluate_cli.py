@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import jax
+from etils import epath
 from flax import nnx
 
 
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_jax import xla_options
+    from pacs_jax import run_files, sharding, xla_options
     from pacs_jax.config import ConfigError, load_config
     from pacs_jax.evaluate import evaluate_sets
     from pacs_jax.models.tokenizer import load_tokenizer
@@ -44,26 +44,40 @@ def run(args: argparse.Namespace) -> int:
     if not sets:
         raise ConfigError("nothing to evaluate: set data.val in the config or pass --data NAME=SOURCE")
 
+    # The policy sharded over the slice's mesh (config.mesh) as the trainer shards it; a checkpoint
+    # gives its policy alone (any algorithm or optimizer restores with this config).
+    mesh = sharding.make_mesh(config.mesh)
+    main = sharding.is_main_process()
     if args.checkpoint:
-        policy, tokenizer = restore_policy(config, args.checkpoint, args.step)
+        policy, tokenizer = restore_policy(config, args.checkpoint, args.step, placement=mesh)
     else:
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.path or "", config.model.chat_template)
-        policy = load_policy(config, tokenizer)
+        policy = load_policy(config, tokenizer, mesh)
     examples = {name: load_examples(source, config, tokenizer, name)[: config.eval.max_problems or None]
                 for name, source in sets.items()}
-    out_dir = Path(args.out or Path(config.trainer.run_dir) / "eval")
-    sample_fn = make_sample_fn(config, tokenizer, nnx.split(policy), jax.random.key(config.trainer.seed))
+    # Written by process 0; a gs:// destination is written locally first, then copied there.
+    remote_out = args.out or f"{config.trainer.run_dir.rstrip('/')}/eval"
+    out_dir = run_files.local_run_dir(remote_out)
+    sample_fn = make_sample_fn(config, tokenizer, nnx.split(policy), jax.random.key(config.trainer.seed), mesh=mesh)
     # What the samples depend on: a rerun with these settings resumes (out_dir/parts), other ones stop.
     e, d = config.eval, config.data
     settings = {"model": args.checkpoint or config.model.path or "model.arch", "step": args.step,
                 "seed": config.trainer.seed, "verifier": config.reward.verifier,
                 "sampling": [e.temperature, e.top_p, e.max_new_tokens, e.prompts_per_batch],
                 "prompt": [d.prompt_template, d.instruction, d.system_prompt, d.chat_template_kwargs]}
-    with VerifierPool.from_config(config.reward) as pool:
+    with jax.set_mesh(mesh), VerifierPool.from_config(config.reward) as pool:
         # Resumable in chunks of one sampling batch: a preempted evaluation loses one batch at most.
-        result = evaluate_sets(examples, sample_fn, pool, e.n_samples, out_dir, settings=settings, chunk=e.prompts_per_batch)
+        result = evaluate_sets(examples, sample_fn, pool, e.n_samples, out_dir, settings=settings, chunk=e.prompts_per_batch,
+                               write=main, log=print if main else lambda line: None)
+    if not main:
+        return 0
     for source, metrics in result["sources"].items():
         passes = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("pass@"))
         print(f"{source:>16}: {passes}  accuracy {metrics['accuracy']:.3f}  length {metrics['response_length/mean']:.1f}")
-    print(f"wrote {out_dir / 'eval_metrics.json'}, {out_dir / 'eval_table.md'} and {out_dir / 'eval_rollouts.jsonl'}")
+    if remote_out != str(out_dir):  # a gs:// destination
+        for name in ("eval_metrics.json", "eval_table.md", "eval_rollouts.jsonl"):
+            target = epath.Path(remote_out) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((out_dir / name).read_bytes())
+    print(f"wrote {remote_out}/eval_metrics.json, eval_table.md and eval_rollouts.jsonl")
     return 0
