@@ -1,4 +1,4 @@
-"""The numerics the paper configs' compute dtype rests on (README "Compute dtype",
+"""The numerics the paper configs' compute dtype rests on (docs/algorithms.md "Compute dtype",
 bench/dtype_drift.py), on a tiny random Llama against transformers in float64:
 
 - the old-log-prob pass and the forward inside the PACS loss's gradient are the same numbers at
@@ -7,7 +7,7 @@ bench/dtype_drift.py), on a tiny random Llama against transformers in float64:
 - one optimizer step of the paper's (AdamW, lr 1e-6) from a bfloat16 checkpoint (Qwen2.5 ships
   bfloat16 weights) moves PACS's score as float64 says in float32 compute; in bfloat16 compute
   the change is not the step's (a 1e-6 step is below bfloat16's spacing at almost every weight,
-  so what moves is the few weights that cross a rounding boundary): the cost the README weighs.
+  so what moves is the few weights that cross a rounding boundary): the cost docs/algorithms.md weighs.
 """
 
 from pathlib import Path
