@@ -1,12 +1,14 @@
 """Rollout throughput when responses stop at different lengths: the compacting engine
-(`rollout.engine: compact`) against the static loop, in the same run.
+(`rollout.engine: compact`) and the slot engine (`rollout.engine: slots`) against the static
+loop, in the same run.
 
     python -m bench.rollout_lengths                               # tiny model, rlvr / uniform / all-max
     python -m bench.rollout_lengths --models tiny smollm2 --dists rlvr all-max
     python -m bench.rollout_lengths --prompts 16 --group 8 --new-tokens 512
     python -m bench.rollout_lengths --regroup-memory --models smollm2 --prompts 32 --new-tokens 1024
+    python -m bench.rollout_lengths --prompts 16 --new-tokens 2048 --slots 32   # the slot engine at a long cap
 
-Both engines sample the same random-weight model from the same prompts, and every row emits the
+The engines sample the same random-weight model from the same prompts, and every row emits the
 stop token at a step drawn from the distribution (`generate(..., stop_at=...)`; a decode step's
 cost does not depend on which token it samples):
 
@@ -17,8 +19,10 @@ cost does not depend on which token it samples):
 
 Reported: useful tokens/s = real response tokens (up to and including the stop token) / wall time
 of the whole `generate` (prefill included), best of `--repeats` after a warm-up call with the
-same lengths (so compile time is excluded and reported apart); the two engines' timed calls
-alternate. Writes JSON (default
+same lengths (so compile time is excluded and reported apart); the engines' timed calls
+alternate. Memory held: the KV cache columns each engine allocates (static and compact: rows x
+(prompt + cap), the compacting engine's shrinking after its first regroup; slots: slots x
+(prompt + cap + 1) plus each prompt once in the prompt bank). Writes JSON (default
 bench/out/rollout_lengths.json).
 
 `--regroup-memory` instead compiles (never runs) the compacting engine's regroup from all rows to
@@ -103,15 +107,22 @@ def bench_model(name: str, args) -> list[dict]:
     ids, mask = pad_prompts(prompts, [128], pad_id=0)
     rows, cap = args.prompts * args.group, args.new_tokens
     common = dict(temperature=1.0, stop_ids=(STOP_ID,), pad_id=0, decode_segments=args.decode_segments)
-    static = SamplingParams(cap, **common)
-    compact = SamplingParams(cap, **common, engine="compact", compact_every=args.compact_every, compact_buckets=args.compact_buckets)
+    engines = {"static": SamplingParams(cap, **common, engine="static"),
+               "compact": SamplingParams(cap, **common, engine="compact", compact_every=args.compact_every,
+                                         compact_buckets=args.compact_buckets)}
+    prompt_len = ids.shape[1]
+    cache_columns = {"static": rows * (prompt_len + cap), "compact": rows * (prompt_len + cap)}
+    if args.slots:
+        engines["slots"] = SamplingParams(cap, **common, engine="slots", slots=args.slots)
+        cache_columns["slots"] = args.slots * (prompt_len + cap + 1) + args.prompts * prompt_len
     results = []
     for dist in args.dists:
         lengths = response_lengths(dist, rows, cap, args.seed)
         stop_at = lengths - 1  # the step that emits the stop token; cap - 1 + 1 = never
         stop_at[lengths == cap] = cap
-        runs = run_engines(split, ids, mask, {"static": static, "compact": compact}, args.group, stop_at, args.repeats)
+        runs = run_engines(split, ids, mask, engines, args.group, stop_at, args.repeats)
         for engine, run in runs.items():
+            run["cache_columns"] = cache_columns[engine]
             # The forced lengths are what both engines produced.
             np.testing.assert_array_equal(run.pop("lengths"), lengths)
             print(f"{name} {dist} {engine}: {run['useful_tokens_per_s']:.0f} useful tok/s "
@@ -122,8 +133,11 @@ def bench_model(name: str, args) -> list[dict]:
             "compact_every": args.compact_every, "compact_buckets": args.compact_buckets,
             "decode_segments": args.decode_segments, **{engine: run for engine, run in runs.items()},
             "compact_over_static": runs["compact"]["useful_tokens_per_s"] / runs["static"]["useful_tokens_per_s"],
+            **({"slots": args.slots, "slots_over_static": runs["slots"]["useful_tokens_per_s"] / runs["static"]["useful_tokens_per_s"]}
+               if args.slots else {}),
         })
-        print(f"{name} {dist}: compact / static = {results[-1]['compact_over_static']:.2f}x", flush=True)
+        print(f"{name} {dist}: compact / static = {results[-1]['compact_over_static']:.2f}x" +
+              (f", slots / static = {results[-1]['slots_over_static']:.2f}x" if args.slots else ""), flush=True)
     return results
 
 
@@ -195,6 +209,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--decode-segments", type=int, default=4)
     parser.add_argument("--compact-every", type=int, default=SamplingParams(1).compact_every)
     parser.add_argument("--compact-buckets", type=int, default=SamplingParams(1).compact_buckets)
+    parser.add_argument("--slots", type=int, default=0, help="also run the slot engine with this many slots (0 = not)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--regroup-memory", action="store_true",

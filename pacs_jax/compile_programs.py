@@ -299,6 +299,40 @@ def model_flops(config: Config, decoder_config, inputs: StepInputs, chips: int) 
     }
 
 
+def compile_slots_rollout(graphdef, policy_params, prompt_arrays, key, sampling, group_size: int,
+                          topology: TpuTopology, weights: int) -> list[ProgramReport]:
+    """The slot engine's programs (pacs_jax/sampler/slots.py), lowered with the shardings `_start`
+    hands on (as at run time): `_start` (every prompt prefilled once into the prompt bank, the
+    slots filled with the first rows), `_decode` at the slot count (decode steps, each refilling
+    the slots whose response stopped from the bank: it holds the slot cache, the bank and the
+    output), `_finish`. Decode's model FLOPs are per HOST_EVERY steps over every slot."""
+    import jax
+    import jax.numpy as jnp
+
+    from pacs_jax.sampler import slots
+
+    chips, hbm = topology.chips, topology.hbm_bytes
+    prompts, prompt_len = prompt_arrays[0].shape
+    end = jax.ShapeDtypeStruct((), jnp.int32, sharding=key.sharding)  # the decode step a call stops at
+    started = []
+    report, compiled = compile_program("rollout _start", lambda: started.append(slots._start.lower(
+        graphdef, policy_params, *prompt_arrays, params=sampling, group_size=group_size, slots=sampling.slots,
+        unrolled=False)) or started[0], hbm, 2 * weights * prompts * prompt_len / chips)
+    if compiled is None:
+        return [report]
+    # The bank and the slots as _start hands them on: its shapes, XLA's shardings.
+    _, bank, loop = jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
+                                 started[0].out_info, compiled.output_shardings)
+    return [
+        report,
+        compile_program(f"rollout _decode {sampling.slots} slots", lambda: slots._decode.lower(
+            graphdef, policy_params, None, bank, loop, key, end, None, params=sampling, group_size=group_size),
+            hbm, 2 * weights * sampling.slots * slots.HOST_EVERY / chips)[0],
+        compile_program("rollout _finish", lambda: slots._finish.lower(
+            loop, *prompt_arrays, params=sampling, group_size=group_size), hbm, 0.0)[0],
+    ]
+
+
 def compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, sampling, group_size: int,
                              topology: TpuTopology, weights: int) -> list[ProgramReport]:
     """The compacting engine's programs (pacs_jax/sampler/compact.py), lowered with the shardings `_start`
@@ -336,7 +370,7 @@ def compile_compact_rollout(graphdef, policy_params, prompt_arrays, key, samplin
 
     def decode(loop, rows):
         return compile_program(f"rollout _decode {rows} rows", lambda: compact._decode.lower(
-            graphdef, policy_params, None, loop, key, end, None, params=sampling, visible=visible, total_rows=total),
+            graphdef, policy_params, None, loop, key, end, None, params=sampling, visible=visible),
             hbm, 2 * weights * rows * sampling.compact_every / chips)[0]
 
     def regroup(rows):

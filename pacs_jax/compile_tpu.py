@@ -26,6 +26,7 @@ from pacs_jax.compile_programs import (
     PACK_SEED,
     PROGRAMS,
     compile_compact_rollout,
+    compile_slots_rollout,
     decoder_config_for,
     matmul_weights,
     model_flops,
@@ -75,6 +76,9 @@ def compile_for_topology(
         if "rollout" in programs and step.sampling.engine == "compact":
             reports += compile_compact_rollout(step.graphdefs["policy"], step.policy_params, step.prompt_arrays, step.key,
                                                step.sampling, r.group_size, topology, matmul_weights(decoder_config))
+        elif "rollout" in programs and step.sampling.engine == "slots":
+            reports += compile_slots_rollout(step.graphdefs["policy"], step.policy_params, step.prompt_arrays, step.key,
+                                             step.sampling, r.group_size, topology, matmul_weights(decoder_config))
         elif "rollout" in programs:
             reports.append(compile_program("rollout", lambda: _generate.lower(
                 step.graphdefs["policy"], step.policy_params, *step.prompt_arrays, step.key, params=step.sampling,
@@ -95,7 +99,7 @@ def compile_for_topology(
         "response_tokens": step.response_len, "mini_batches": t.mini_batches, "micro_batches": t.micro_batches,
         "old_logprob_chunks": step.prepare_chunks, "algorithm": config.algorithm.name, "rollout_engine": sampling.engine,
         "compact_every": sampling.compact_every, "compact_buckets": sampling.compact_buckets,
-        "compact_max_keep": sampling.compact_max_keep,
+        "compact_max_keep": sampling.compact_max_keep, "slots": sampling.slots,
         "decode_segments": len(sampling.segment_ends()),  # the loops compiled, after min_segment_steps
         "shared_prompts": bool(step.shared and not packed),
     }

@@ -103,7 +103,12 @@ class RolloutConfig:
     # generated (pacs_jax/sampler/compact.py; bench/rollout_lengths.py). Both sample the same tokens for a key.
     # "auto": compact on CPU (measured faster), static on TPU / GPU (`compile` checks compact's
     # memory there, but no run there has measured its speed yet).
-    engine: Literal["auto", "static", "compact"] = "auto"
+    # "slots": `slots` responses decode at once, each slot refilled with the next waiting
+    # (prompt, sample) as its response stops (pacs_jax/sampler/slots.py): the KV cache is
+    # slots x (prompt + max_new_tokens) whatever the batch (plus each prompt's cache once).
+    engine: Literal["auto", "static", "compact", "slots"] = "auto"
+    # With engine=slots: the number of decode slots, a multiple of mesh.data x mesh.fsdp.
+    slots: int = 0
     compact_every: int = 32
     compact_buckets: int = 16
     # A compaction happens only when the new batch keeps at most this fraction of the running
@@ -121,7 +126,7 @@ class RolloutConfig:
         """The SamplingParams settings that change how the sampler runs, not what it samples."""
         return dict(decode_segments=self.decode_segments, decode_layers=self.decode_layers, prefill_chunk=self.prefill_chunk,
                     engine=self.engine, compact_every=self.compact_every, compact_buckets=self.compact_buckets,
-                    compact_max_keep=self.compact_max_keep)
+                    compact_max_keep=self.compact_max_keep, slots=self.slots)
 
 
 # reward.verifier names -> "module:function". "math": the last \boxed{} only (ours);
@@ -525,7 +530,13 @@ def validate(config: Config) -> None:
     _require(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
     _require(r.decode_segments >= 1, f"rollout.decode_segments must be >= 1 (1 = one decode loop), got {r.decode_segments}")
     _require(r.prefill_chunk >= 0, f"rollout.prefill_chunk must be >= 0 (0 = one pass over the prompt), got {r.prefill_chunk}")
-    _require(r.engine in ("auto", "static", "compact"), f"rollout.engine must be 'auto', 'static' or 'compact', got {r.engine!r}")
+    _require(r.engine in ("auto", "static", "compact", "slots"),
+             f"rollout.engine must be 'auto', 'static', 'compact' or 'slots', got {r.engine!r}")
+    _require(isinstance(r.slots, int) and r.slots >= (1 if r.engine == "slots" else 0),
+             f"rollout.slots must be >= 1 with rollout.engine=slots (responses decoded at once), got {r.slots!r}")
+    row_ways = config.mesh.data * config.mesh.fsdp
+    _require(r.engine != "slots" or row_ways < 1 or r.slots % row_ways == 0,  # -1 (fill): checked when the mesh is built
+             f"rollout.slots={r.slots} must be a multiple of mesh.data x mesh.fsdp = {row_ways} (the slots split over them)")
     _require(r.compact_every >= 1, f"rollout.compact_every must be >= 1 (decode steps between compactions), got {r.compact_every}")
     _require(r.compact_buckets >= 1, f"rollout.compact_buckets must be >= 1 (1 = never compact), got {r.compact_buckets}")
     _require(isinstance(r.compact_max_keep, (int, float)) and 0 < r.compact_max_keep <= 1,

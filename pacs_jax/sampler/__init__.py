@@ -1,4 +1,4 @@
-"""The sampler: groups of responses from left-padded prompts, with a KV cache, by one of two engines.
+"""The sampler: groups of responses from left-padded prompts, with a KV cache, by one of three engines.
 
     generate      the entry point: chooses the engine (SamplingParams.engine) and runs it
     params.py     SamplingParams
@@ -7,9 +7,10 @@
     cache.py      prefill once per prompt, the KV cache, one decode step
     static.py     the static engine: every row until the last one stops, one jitted program
     compact.py    the compacting engine: unfinished rows gathered into smaller batches as rows stop
+    slots.py      the slot engine: a fixed number of response slots, refilled as responses stop
 
-The engines sample the same tokens for a key (each row takes the uniform drawn for its place in
-the full batch); they differ only in what decoding costs.
+The engines sample the same tokens for a key (each row's uniform comes from the key, its decode
+step and its row id: tokens.row_uniforms); they differ only in what decoding costs and holds.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from pacs_jax.models.llama import Decoder
 from pacs_jax.sampler.compact import generate_compact
 from pacs_jax.sampler.params import DECODE_LAYERS, ENGINES, SamplingParams
 from pacs_jax.sampler.rollout import Rollout, pad_prompts, pick_bucket
+from pacs_jax.sampler.slots import generate_slots
 from pacs_jax.sampler.static import generate_static
 from pacs_jax.sampler.tokens import sample_token, sampling_weights
 
 __all__ = ["DECODE_LAYERS", "ENGINES", "Rollout", "SamplingParams", "generate", "pad_prompts", "pick_bucket", "sample_token",
            "sampling_weights"]
 
-_ENGINES = {"static": generate_static, "compact": generate_compact}
+_ENGINES = {"static": generate_static, "compact": generate_compact, "slots": generate_slots}
 
 
 def generate(

@@ -16,9 +16,9 @@ What it keeps from the static sampler (and why this design, not slot refill; see
 ../shared/notes/continuous_batching.md): every row started at step 0, so all rows still write
 their keys at one shared cache column (`prompt_len + step`, a single `dynamic_update_slice`);
 one prefill per prompt; the same decode segments reading only the slots written by their end.
-Only the row count shrinks, and each row samples with the uniform drawn for its place in the
-full batch, so for a given key both engines sample the same tokens (up to float rounding of
-batch-size-dependent matmuls).
+Only the row count shrinks, and each row samples with a uniform drawn from its id in the full
+batch (tokens.row_uniforms), so for a given key the engines sample the same tokens (up to float
+rounding of batch-size-dependent matmuls).
 
 The engine is a few jitted pure functions and a short host loop:
     _start   prefill once per prompt, repeat per group          -> CompactState of all N rows
@@ -151,9 +151,8 @@ def _start(graphdef, state, prompt_ids, prompt_mask, *, params: SamplingParams, 
     return layers, loop, Output(jnp.full((total, new), params.pad_id, jnp.int32), jnp.zeros((total, new), jnp.float32))
 
 
-@xla_options.jit(kind="forward", static_argnames=("graphdef", "params", "visible", "total_rows"), donate_argnames=("loop",))
-def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, params: SamplingParams, visible: int,
-            total_rows: int):
+@xla_options.jit(kind="forward", static_argnames=("graphdef", "params", "visible"), donate_argnames=("loop",))
+def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, params: SamplingParams, visible: int):
     """Decode until step `end` (traced: one compiled loop serves every chunk of a segment) or until
     every row is done. Returns (state, the rows a regroup must keep: `_rows_needed`)."""
     model: Decoder = nnx.merge(graphdef, state)
@@ -167,8 +166,8 @@ def _decode(graphdef, state, layers, loop: CompactState, key, end, stop_at, *, p
 
     def body(loop: CompactState) -> CompactState:
         step, done = loop.step, loop.done
-        # The uniform drawn for each row's place in the full batch: the static sampler's draw.
-        token, logprob = sample_token(loop.logits, jax.random.fold_in(key, step), params, loop.row_ids, total_rows)
+        # Each row's uniform from its id in the full batch (tokens.row_uniforms): the static engine's draw.
+        token, logprob = sample_token(loop.logits, jax.random.fold_in(key, step), params, loop.row_ids)
         token = force_stop(token, step, forced, stop_ids, params.pad_id)
         token = jnp.where(done, params.pad_id, token).astype(jnp.int32)
         response = loop.response.at[:, step].set(token)
@@ -273,7 +272,6 @@ def generate_compact(graphdef, state, prompt_ids, prompt_mask, key, params: Samp
                 loop, out = _regroup(loop, out, rows=target, slots=grow)
                 rows = target
             step = min(end, step + params.compact_every)
-            loop, live = _decode(graphdef, state, layers, loop, key, jnp.int32(step), stop_at, params=params,
-                                 visible=visible, total_rows=total)
+            loop, live = _decode(graphdef, state, layers, loop, key, jnp.int32(step), stop_at, params=params, visible=visible)
             live = int(live)  # rows needed: the host's one sync per chunk, it decides the next batch shape
     return _finish(loop, out, prompt_ids, prompt_mask, params=params, group_size=group_size)

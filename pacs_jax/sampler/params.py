@@ -11,7 +11,9 @@ DECODE_LAYERS = ("auto", "scan", "unrolled")
 # tokens actually generated (sampler/compact.py). "auto": compact on CPU, where
 # bench/rollout_lengths.py measured it; static elsewhere until a run on a TPU or GPU measures
 # compact's speed there (its memory is checked by the compile command: rollout.compact_max_keep).
-ENGINES = ("auto", "static", "compact")
+# "slots": a cache of `slots` response slots, refilled as responses stop (sampler/slots.py):
+# memory bounded by the slot count whatever the number of rows.
+ENGINES = ("auto", "static", "compact", "slots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,9 @@ class SamplingParams:
     # (a regroup holds both caches: its peak is at most (1 + this) x the running cache); 1.0 =
     # whenever the rows fit a smaller bucket. Default: RolloutConfig.compact_max_keep's.
     compact_max_keep: float = 0.4
+    # With engine "slots": how many responses decode at once (each slot holds one response's cache
+    # of prompt + max_new_tokens columns); 0 only with another engine.
+    slots: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -75,6 +80,8 @@ class SamplingParams:
             raise ValueError(f"rollout.compact_buckets must be >= 1, got {self.compact_buckets}")
         if not 0 < self.compact_max_keep <= 1:
             raise ValueError(f"rollout.compact_max_keep must be in (0, 1], got {self.compact_max_keep}")
+        if self.slots < 0 or (self.engine == "slots" and self.slots < 1):
+            raise ValueError(f"rollout.slots must be >= 1 with rollout.engine=slots (0 = unused otherwise), got {self.slots}")
 
     def unrolls_layers(self, platform: str) -> bool:
         """Whether decode runs the layers unrolled on `platform` ("cpu", "tpu", "gpu")."""

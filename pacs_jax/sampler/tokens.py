@@ -47,31 +47,40 @@ def sampling_weights(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return weights
 
 
-def inverse_cdf_sample(weights: jax.Array, key: jax.Array, row_ids: jax.Array | None = None, total_rows: int = 0) -> jax.Array:
+def row_uniforms(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """One uniform in (0, 1) per row [N], from `key` folded with the row's id `rows` [N]: a row's
+    number depends on (key, step, row id) only, never on where the row sits in the batch, so
+    every engine draws the same tokens for a key (the compacting engine moves rows, the slot
+    engine runs them in any slot and at its own step). `key`: one key (the step's), or [N] keys
+    (one per row: the slot engine's rows are at different steps)."""
+    keys = jnp.broadcast_to(key, rows.shape) if key.ndim == 0 else key
+    tiny = jnp.finfo(jnp.float32).tiny
+    return jax.vmap(lambda k, row: jax.random.uniform(jax.random.fold_in(k, row), (), minval=tiny))(keys, rows)
+
+
+def inverse_cdf_sample(weights: jax.Array, key: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """A draw from weights / sum(weights) per row [N, V], with one uniform per row against the CDF:
     the distribution of jax.random.categorical, without its Gumbel number per vocabulary entry
-    (10x faster for a 49k vocabulary on CPU). With `row_ids` [N], row i takes the uniform drawn
-    for row row_ids[i] of `total_rows` (ids past the end take the last): the compacting engine's
-    rows move, and this keeps each row's draw that of its place in the full batch."""
+    (10x faster for a 49k vocabulary on CPU). The uniforms: row_uniforms(key, rows), rows =
+    each row's id (default: its index)."""
     cdf = jnp.cumsum(weights, axis=-1)
     cdf = cdf / cdf[:, -1:]  # the last entry is exactly 1
     # u in (0, 1): the first index with cdf >= u then always has positive weight (never a
     # filtered token, even a leading one), and it exists since u < 1 = cdf[-1].
-    u = jax.random.uniform(key, (total_rows or weights.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
-    if row_ids is not None:
-        u = jnp.take(u, row_ids, axis=0, mode="clip")
+    rows = jnp.arange(weights.shape[0]) if rows is None else rows
+    u = row_uniforms(key, rows)[:, None]
     return jnp.sum(cdf < u, axis=-1)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams, row_ids: jax.Array | None = None,
-                 total_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams,
+                 rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Returns (token, log-prob of it under softmax(logits / T)) for logits [N, V] float32.
-    `row_ids`, `total_rows`: see inverse_cdf_sample."""
+    `key`, `rows`: see row_uniforms (the engines pass fold_in(run key, decode step))."""
     if params.temperature == 0:
         token = jnp.argmax(logits, axis=-1)
         return token, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
     scaled = logits / params.temperature
-    token = inverse_cdf_sample(sampling_weights(scaled, params.top_k, params.top_p), key, row_ids, total_rows)
+    token = inverse_cdf_sample(sampling_weights(scaled, params.top_k, params.top_p), key, rows)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), token[:, None], -1)[:, 0]
     return token, logprob
 
