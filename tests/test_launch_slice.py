@@ -216,7 +216,7 @@ def test_simulated_slice_survives_a_day_of_faults(tmp_path, day):
     # What the loop saw and did, in its own words.
     assert out.count("creating slice failed (ERROR: (gcloud.compute.tpus.tpu-vm.create)") == day.stockouts
     assert "There is no more capacity in the zone" in out and "Restart 1/20 within 6h (VM PREEMPTED)" in out
-    assert "the trainer on worker 3 failed first (exited 137: Killed)" in out
+    assert "the trainer on worker 3 failed first (exited 137" in out  # then its last line: whatever raced to it
     # The stopped worker 2 is noticed either by the watchdog (no new step for `stall` seconds) or,
     # sooner, by the distributed runtime: the other processes lose its heartbeat and abort.
     hang = out[out.index("(restarts so far: 2)"):]
