@@ -9,7 +9,7 @@ preemption mid-run (SIGTERM to every worker, then the VM reported PREEMPTED), a 
 other than 0, a hung worker (SIGSTOP: the distributed runtime's heartbeat or the progress watchdog
 notices, and the run starts again). The run must reach DONE, and its final parameters must equal,
 bit for bit, those of the same run on a slice where nothing goes wrong (measured: equal, all 11
-policy arrays, at commit 066b0a5's trainer).
+policy arrays, with the trainers of 066b0a5 and 88a42d9).
 
 The short day runs in CI; PACS_JAX_LONG_SLICE=1 adds the long one (40 failed creates, more steps).
 """
