@@ -56,7 +56,9 @@ def decoder_config_for(config: Config, arch_file: str = ""):
             )
     # The programs are for the TPU, though traced here on a CPU host: "auto" means scan there.
     config = DecoderConfig.from_hf(hf, source=source, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-                                   train_layers="scan" if m.train_layers == "auto" else m.train_layers)
+                                   train_layers="scan" if m.train_layers == "auto" else m.train_layers,
+                                   # "auto" resolves when the programs are traced for the TPU (splash)
+                                   attention=m.attention, attention_block=m.attention_block)
     return config, hf
 
 

@@ -113,7 +113,8 @@ def format_report(report: CompileReport) -> str:
         f"{report.topology} ({report.libtpu_topology}): {report.chips} chips on {report.hosts} host(s), "
         f"{_gib(hbm)} GiB HBM per chip; mesh {mesh}",
         f"model: {m['layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, params {m['param_dtype']}, "
-        f"compute {m['compute_dtype']}, remat {m['remat']}; {m['prompts_per_step']} prompts x {m['group_size']} responses, "
+        f"compute {m['compute_dtype']}, remat {m['remat']}, attention {m['attention']}; "
+        f"{m['prompts_per_step']} prompts x {m['group_size']} responses, "
         f"{m['prompt_tokens']} + {m['response_tokens']} tokens, {m['mini_batches']} mini x {m['micro_batches']} micro-batches",
     ]
     if any(p.name.startswith("rollout") for p in report.programs):

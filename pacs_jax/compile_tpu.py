@@ -59,6 +59,7 @@ def compile_for_topology(
     import jax
 
     from pacs_jax import sharding
+    from pacs_jax.models import attention
     from pacs_jax.sampler.static import _generate
 
     t, r = config.trainer, config.rollout
@@ -95,6 +96,7 @@ def compile_for_topology(
         "layers": decoder_config.num_layers, "hidden_size": decoder_config.hidden_size,
         "vocab_size": decoder_config.vocab_size, "param_dtype": decoder_config.param_dtype,
         "compute_dtype": decoder_config.compute_dtype, "remat": decoder_config.remat,
+        "attention": attention.resolve(decoder_config.attention, "tpu", decoder_config.compute_dtype),
         "prompts_per_step": t.prompts_per_step, "group_size": r.group_size, "prompt_tokens": step.prompt_len,
         "response_tokens": step.response_len, "mini_batches": t.mini_batches, "micro_batches": t.micro_batches,
         "old_logprob_chunks": step.prepare_chunks, "algorithm": config.algorithm.name, "rollout_engine": sampling.engine,

@@ -29,13 +29,13 @@ def policy_config(config: Config, tokenizer: Tokenizer) -> DecoderConfig:
     """The policy's architecture: model.path's config.json, or model.arch (reads no weights)."""
     m = config.model
     if m.path:
-        return hf_decoder_config(m.path, m.param_dtype, m.compute_dtype, m.remat, m.train_layers)
+        return hf_decoder_config(m.path, m.param_dtype, m.compute_dtype, m.remat, m.train_layers, m.attention, m.attention_block)
     arch = {"model_type": "llama", "vocab_size": tokenizer.vocab_size, **m.arch}
     if arch["vocab_size"] < tokenizer.vocab_size:
         raise ConfigError(f"model.arch.vocab_size={arch['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}")
     return DecoderConfig.from_hf(
         arch, source="model.arch", param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-        train_layers=m.train_layers,
+        train_layers=m.train_layers, attention=m.attention, attention_block=m.attention_block,
     )
 
 
@@ -48,7 +48,8 @@ def load_policy(config: Config, tokenizer: Tokenizer, mesh: Optional[jax.shardin
     shardings_for = None if mesh is None else (lambda state: sharding.param_shardings(state, mesh))
     if config.model.path:
         return from_pretrained(config.model.path, dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-                               remat=config.model.remat, train_layers=config.model.train_layers, shardings_for=shardings_for)
+                               remat=config.model.remat, train_layers=config.model.train_layers, shardings_for=shardings_for,
+                               attention=config.model.attention, attention_block=config.model.attention_block)
     if mesh is None:
         return init_decoder(decoder_config, seed=config.trainer.seed)
     graphdef = nnx.graphdef(abstract_policy(decoder_config))

@@ -107,6 +107,12 @@ def test_auto_picks_by_backend_and_bad_names_fail():
     arch = 'model.arch={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}'
     config = load_config(None, ["model.tokenizer=char", arch, "model.attention=blockwise", "model.attention_block=256"])
     assert (config.model.attention, config.model.attention_block) == ("blockwise", 256)
+    # ... and reach the model the trainer builds
+    from pacs_jax.models.tokenizer import load_tokenizer
+    from pacs_jax.policy import policy_config
+
+    decoder_config = policy_config(config, load_tokenizer("char", ""))
+    assert (decoder_config.attention, decoder_config.attention_block) == ("blockwise", 256)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (cuDNN flash attention)")
@@ -225,3 +231,49 @@ def test_blockwise_update_memory_grows_linearly():
     assert blockwise[4096] < dense[4096] / 10
     assert blockwise[4096] < 2.5 * blockwise[2048]  # linear: twice the length, about twice the bytes
     assert dense[4096] > 3.5 * dense[2048]  # quadratic
+
+
+# --------------------------------------------------------------------------- TPU compile
+
+from pacs_jax import compile_tpu  # noqa: E402  (libtpu's check; the section's own import)
+
+_libtpu = compile_tpu.libtpu_problem()
+
+
+def tpu_update_compiled(implementation: str, length: int):
+    """The gradient of a one-layer model's log-probs, lowered for v5e-4 (mesh fsdp 2 x tensor 2) under
+    the TPU target as `python -m pacs_jax compile` lowers programs, and compiled by XLA TPU."""
+    from pacs_jax import sharding, xla_options
+    from pacs_jax.compile_programs import placed
+    from pacs_jax.config import MeshConfig
+
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=2),
+                              devices=compile_tpu.tpu_devices(compile_tpu.parse_topology("v5e-4")))
+    config = DecoderConfig.from_hf(dict(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=512,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+                                   compute_dtype="bfloat16", attention=implementation, train_layers="scan")
+    abstract = jax.eval_shape(lambda: nnx.split(init_decoder(config))[1])
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_decoder(config)))
+    params = placed(abstract, sharding.param_shardings(abstract, mesh))
+    half = jax.ShapeDtypeStruct((4, length // 2), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    batch = dict.fromkeys(ROLLOUT_KEYS, half)
+
+    def loss(params, batch):
+        return jnp.sum(batch_logprobs(nnx.merge(graphdef, params), batch))
+
+    with jax.set_mesh(mesh), xla_options.target("tpu"):
+        return jax.jit(jax.grad(loss)).lower(params, batch).compile()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_libtpu is not None, reason=f"needs a TPU compiler (libtpu): {_libtpu}")
+def test_auto_is_splash_on_tpu_and_compiles_under_the_mesh(monkeypatch):
+    calls = []
+    real = attention.splash_attention
+    monkeypatch.setattr(attention, "splash_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    splash = tpu_update_compiled("auto", 2048)
+    assert calls and not any(k["interpret"] for k in calls)  # auto resolved to the compiled kernel
+    assert "tpu_custom_call" in splash.as_text()  # the Pallas kernel is in the program
+    dense = tpu_update_compiled("dense", 2048)
+    # Per chip: 2 rows x 2 heads of 2048 x 2048 float32 scores are 64 MiB per layer for dense.
+    assert splash.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes / 4

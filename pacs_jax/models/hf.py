@@ -205,6 +205,8 @@ def from_pretrained(
     remat: str = "none",
     train_layers: str = "auto",
     shardings_for: Optional[Any] = None,
+    attention: str = "auto",
+    attention_block: int = 512,
 ) -> Decoder:
     """Load a Hugging Face folder (config.json + safetensors) as our NNX decoder.
 
@@ -213,7 +215,7 @@ def from_pretrained(
     its devices hold."""
     resolve_dtype(dtype, "dtype")
     path = Path(path).expanduser()
-    config = hf_decoder_config(path, dtype, compute_dtype, remat, train_layers)
+    config = hf_decoder_config(path, dtype, compute_dtype, remat, train_layers, attention, attention_block)
     shardings = None
     if shardings_for is not None:
         abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
@@ -222,11 +224,11 @@ def from_pretrained(
 
 
 def hf_decoder_config(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None, remat: str = "none",
-                      train_layers: str = "auto") -> DecoderConfig:
+                      train_layers: str = "auto", attention: str = "auto", attention_block: int = 512) -> DecoderConfig:
     """The architecture of an HF folder (its config.json), with our dtypes and options."""
     return DecoderConfig.from_hf(
         read_hf_config(path), source=str(Path(path) / "config.json"), param_dtype=dtype, compute_dtype=compute_dtype or dtype,
-        remat=remat, train_layers=train_layers,
+        remat=remat, train_layers=train_layers, attention=attention, attention_block=attention_block,
     )
 
 
