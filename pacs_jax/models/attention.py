@@ -13,7 +13,8 @@ of four implementations (`model.attention`):
     cudnn      cuDNN's fused flash attention on GPU (jax.nn.dot_product_attention); bfloat16 /
                float16 only. Our masks (left-padded prompts, packed segments, shared prompts) are
                not cuDNN's built-in padding, so the mask is passed as a [B, 1, T, S] boolean: the
-               scores are never stored, but that mask is (1 byte per query-key pair per row).
+               scores are never stored, but JAX makes that mask a bias in the compute dtype (2
+               bytes per query-key pair per row).
 
 `auto` picks by backend and compute dtype: splash on TPU, cudnn on GPU in bfloat16 (else
 blockwise), dense on CPU.
