@@ -18,7 +18,7 @@ from pacs_jax.compile_report import ProgramReport, compile_program
 from pacs_jax.config import Config, ConfigError
 from pacs_jax.tpu_topology import TpuTopology
 
-PROGRAMS = ("rollout", "old_logprobs", "update")
+PROGRAMS = ("load", "init", "rollout", "old_logprobs", "update")
 
 
 def decoder_config_for(config: Config, arch_file: str = ""):

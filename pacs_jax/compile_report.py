@@ -11,6 +11,7 @@ so the report adds an analytic matmul FLOP count (2 x weights x tokens per forwa
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Optional
 
@@ -95,6 +96,20 @@ def compile_program(name: str, lowered_fn, hbm_bytes: int, model_flops: float):
 
 
 
+def resident_report(name: str, tree, hbm_bytes: int) -> ProgramReport:
+    """The bytes `tree` (ShapeDtypeStructs with shardings) puts on its fullest chip, as a report
+    with no program: the weights going from the host straight into their shards (`load`)."""
+    import jax
+
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+            elements = math.prod(len(range(*cut.indices(size))) for cut, size in zip(index, leaf.shape))
+            per_device[device] = per_device.get(device, 0) + elements * leaf.dtype.itemsize
+    peak = max(per_device.values())
+    return ProgramReport(name=name, fits=peak <= hbm_bytes, output_bytes=peak, peak_bytes=peak)
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
@@ -149,6 +164,9 @@ def format_report(report: CompileReport) -> str:
         )
     lines.append("(per chip; peak = args + out - donated + temp + code; XLA counts each loop body once, "
                  "model TFLOP = 2 x weights x tokens per forward pass)")
+    if any(p.name in ("load", "init") for p in report.programs):
+        lines.append("(load: the policy's shards, read by each host from the files, no program; init: the program "
+                     "that makes the optimizer state (and PPO's critic) in their shards, the policy its argument)")
     top = compact_peak(report)
     if top is not None:
         need = f"{_gib(top.peak_bytes)} GiB per chip" if top.fits else "does not fit"
@@ -159,6 +177,8 @@ def format_report(report: CompileReport) -> str:
 
 
 _ADVICE = {
+    "load": "more mesh.fsdp or mesh.tensor (each chip holds its share of the weights) or a larger topology",
+    "init": "more mesh.fsdp (shards the optimizer state and PPO's critic) or a larger topology",
     "rollout": "the KV cache grows with trainer.prompts_per_step x rollout.group_size x (prompt + "
                "rollout.max_new_tokens) and is split over mesh.data x mesh.fsdp: use a larger topology, fewer "
                "prompts per step, or shorter responses; with rollout.engine=compact, a smaller "

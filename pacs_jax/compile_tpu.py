@@ -34,7 +34,9 @@ from pacs_jax.compile_programs import (
     rlvr_response_lengths,
     step_inputs,
 )
-from pacs_jax.compile_report import CompileReport, compact_peak, compile_program, failure_message, format_report
+from pacs_jax.compile_report import (
+    CompileReport, compact_peak, compile_program, failure_message, format_report, resident_report,
+)
 from pacs_jax.config import Config, ConfigError
 from pacs_jax.tpu_topology import TpuTopology, known_topologies, libtpu_problem, parse_topology, tpu_devices
 
@@ -61,6 +63,7 @@ def compile_for_topology(
     from pacs_jax import sharding
     from pacs_jax.models import attention
     from pacs_jax.sampler.static import _generate
+    from pacs_jax.update import jit_state_init, make_state_init, make_train_optimizer
 
     t, r = config.trainer, config.rollout
     decoder_config, hf = decoder_config_for(config, arch_file)
@@ -74,6 +77,22 @@ def compile_for_topology(
     hbm = topology.hbm_bytes
     reports = []
     with jax.set_mesh(mesh):
+        # Before the first step: the policy goes from the host into its shards (each host reads its
+        # devices' blocks; no program runs), then the critic and optimizer state are made in theirs.
+        if "load" in programs:
+            reports.append(resident_report("load", step.policy_params, hbm))
+        if "init" in programs:
+            init = make_state_init(dict(step.graphdefs), make_train_optimizer(
+                config.algorithm, config.optimizer, t.total_steps * t.mini_batches), config.algorithm.name == "ppo")
+            report = compile_program("init", lambda: jit_state_init(init, step.policy_params, mesh).lower(
+                step.policy_params), hbm, 0.0)[0]
+            # XLA drops the policy from the arguments when only its shapes are read (Adam's zeros),
+            # but it is on the chips meanwhile: counted as an argument.
+            policy = resident_report("load", step.policy_params, hbm).peak_bytes
+            if report.fits and report.argument_bytes < policy:
+                report.peak_bytes += policy - report.argument_bytes
+                report.argument_bytes, report.fits = policy, report.peak_bytes <= hbm
+            reports.append(report)
         if "rollout" in programs and step.sampling.engine == "compact":
             reports += compile_compact_rollout(step.graphdefs["policy"], step.policy_params, step.prompt_arrays, step.key,
                                                step.sampling, r.group_size, topology, matmul_weights(decoder_config))

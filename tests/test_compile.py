@@ -73,8 +73,18 @@ def kv_cache_bytes(rows: int = PROMPTS * GROUP) -> int:
 def check_against_closed_forms(programs: dict, chips: int, kv_cache_in_hbm: bool) -> None:
     for report in programs.values():
         assert report["fits"] and not report["error"]
+        if report["name"] in ("load", "init"):
+            continue  # no program / no matmuls: checked below
         for key in ("argument_bytes", "output_bytes", "peak_bytes", "code_bytes", "xla_flops", "model_flops"):
             assert report[key] > 0, (report["name"], key)
+    weights = train_state_bytes() / 3
+    if "load" in programs:  # each chip's share of the float32 weights, nothing else
+        assert programs["load"]["peak_bytes"] == pytest.approx(weights / chips, rel=0.01)
+    if "init" in programs:  # from the policy's shards, Adam's two moments in theirs
+        init = programs["init"]
+        assert init["argument_bytes"] == pytest.approx(weights / chips, rel=0.01)  # the policy, resident
+        assert init["output_bytes"] == pytest.approx(2 * weights / chips, rel=0.01)
+        assert init["peak_bytes"] < 1.5 * (init["argument_bytes"] + init["output_bytes"])
     if "update" in programs:
         update = programs["update"]
         expected = (train_state_bytes() + update_batch_bytes()) / chips
@@ -104,7 +114,7 @@ def test_tiny_config_compiles_for_v5e_4(tmp_path, capsys):
     assert report["model"]["remat"] == "full" and report["model"]["compute_dtype"] == "bfloat16"
     assert report["hbm_bytes"] == 16 * 2**30
     programs = {p["name"]: p for p in report["programs"]}
-    assert set(programs) == {"rollout", "old_logprobs", "update"}
+    assert set(programs) == {"load", "init", "rollout", "old_logprobs", "update"}
     # v5e keeps a cache this small in on-chip VMEM, which HBM figures do not count: check it on v5p.
     check_against_closed_forms(programs, chips=4, kv_cache_in_hbm=False)
 
