@@ -57,8 +57,10 @@ def decode_rows(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("kind,layers", [("llama", "scan"), ("qwen2", "unrolled")])
-def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
+def assert_greedy_matches_transformers(kind: str, layers: str, tmp_path, **engine_options):
+    """Greedy decoding with `engine_options` equals transformers' greedy generate, row by row, with
+    stop tokens that rows emit at different steps (so rows finish at different times). Returns the
+    rollout and the number of prompts, for the engine's own checks."""
     torch.manual_seed(1)
     if kind == "llama":
         config = transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -81,12 +83,10 @@ def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
                                     max_new_tokens=12, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
         return out[:, ids.shape[1]:].numpy()
 
-    # Stop tokens that greedy decoding emits at different steps of different rows, so rows finish
-    # (and leave the running batch) at different times.
     free_run = hf_greedy(None)
     stops = tuple(sorted({int(free_run[1, 2]), int(free_run[3, 6])}))
     expected = hf_greedy(list(stops))
-    params = SamplingParams(12, temperature=0.0, stop_ids=stops, decode_layers=layers, prefill_chunk=4, decode_segments=3, min_segment_steps=1, **compacting())
+    params = SamplingParams(12, temperature=0.0, stop_ids=stops, decode_layers=layers, prefill_chunk=4, **engine_options)
     out = generate(model, ids, mask, jax.random.key(0), params)
     response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
     for row in range(len(prompts)):
@@ -97,7 +97,13 @@ def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
         got = list(response[row][response_mask[row] == 1])
         assert got == want, (row, got, want)
         assert int(out.lengths[row]) == len(want)
-    assert regroups and regroups[-1] < len(prompts), regroups
+    return out, len(prompts)
+
+
+@pytest.mark.parametrize("kind,layers", [("llama", "scan"), ("qwen2", "unrolled")])
+def test_greedy_matches_transformers_generate(kind, layers, tmp_path, regroups):
+    _, prompts = assert_greedy_matches_transformers(kind, layers, tmp_path, decode_segments=3, min_segment_steps=1, **compacting())
+    assert regroups and regroups[-1] < prompts, regroups
 
 
 @pytest.mark.slow

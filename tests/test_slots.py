@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-import torch
-import transformers
 from flax import nnx
-from test_continuous import TINY, tiny_llama
+from test_continuous import TINY, assert_greedy_matches_transformers, tiny_llama
 
 from pacs_jax.config import Config, ConfigError, MeshConfig, validate
-from pacs_jax.models import DecoderConfig, from_pretrained, init_decoder
+from pacs_jax.models import DecoderConfig, init_decoder
 from pacs_jax.sampler import SamplingParams, generate, pad_prompts, sampling_weights
 from pacs_jax.sharding import make_mesh
 
@@ -27,44 +25,7 @@ def assert_refilled(out, slots: int):
 
 @pytest.mark.parametrize("kind,layers", [("llama", "scan"), ("qwen2", "unrolled")])
 def test_greedy_matches_transformers_generate(kind, layers, tmp_path):
-    torch.manual_seed(1)
-    if kind == "llama":
-        config = transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-        hf_model = transformers.LlamaForCausalLM(config).eval()
-    else:
-        config = transformers.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
-        hf_model = transformers.Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # larger weights make greedy choices decisive (no near-ties)
-        for p in hf_model.parameters():
-            p.mul_(3.0)
-    hf_model.save_pretrained(tmp_path)
-    model = from_pretrained(tmp_path)
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, 97, n)) for n in (5, 12, 1, 9, 3, 7)]
-    ids, mask = pad_prompts(prompts, [16], pad_id=0)
-
-    def hf_greedy(eos_id):
-        with torch.no_grad():
-            out = hf_model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                                    max_new_tokens=12, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
-        return out[:, ids.shape[1]:].numpy()
-
-    # Stop tokens that greedy decoding emits at different steps of different rows, so slots free
-    # up at different times and take the waiting rows.
-    free_run = hf_greedy(None)
-    stops = tuple(sorted({int(free_run[1, 2]), int(free_run[3, 6])}))
-    expected = hf_greedy(list(stops))
-    params = SamplingParams(12, temperature=0.0, stop_ids=stops, decode_layers=layers, prefill_chunk=4, engine="slots", slots=2)
-    out = generate(model, ids, mask, jax.random.key(0), params)
-    response, response_mask = np.asarray(out.response_ids), np.asarray(out.response_mask)
-    for row in range(len(prompts)):
-        want = list(expected[row])
-        hits = [i for i, t in enumerate(want) if t in stops]
-        if hits:
-            want = want[: hits[0] + 1]
-        got = list(response[row][response_mask[row] == 1])
-        assert got == want, (row, got, want)
-        assert int(out.lengths[row]) == len(want)
+    out, _ = assert_greedy_matches_transformers(kind, layers, tmp_path, engine="slots", slots=2)
     assert_refilled(out, 2)
 
 
