@@ -147,8 +147,8 @@ def test_cli_train_joins_the_processes_itself(tmp_path):
     train to the end; only process 0 writes the logs."""
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")
-    run_dir = tmp_path / "run"
-    overrides = multihost_worker.trainer_overrides(str(run_dir), 2)
+    run_dir, export = tmp_path / "run", tmp_path / "export"
+    overrides = multihost_worker.trainer_overrides(str(run_dir), 2) + [f"trainer.export_hf={export}"]
     results = start_cli(tmp_path, ["train", "--config", str(config), *overrides],
                         extra_env={"PACS_JAX_SHARED_FS": "1"})  # both processes see this machine's disk
     for i, (code, log) in enumerate(results):
@@ -158,6 +158,17 @@ def test_cli_train_joins_the_processes_itself(tmp_path):
     assert [row["step"] for row in metrics] == [1, 2]  # written once, by process 0
     assert (run_dir / "DONE").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+    # trainer.export_hf on two hosts (each parameter gathered from both), written before DONE: the
+    # final policy of the checkpoint, which transformers reads.
+    assert (run_dir / "DONE").stat().st_mtime >= (export / "model.safetensors").stat().st_mtime
+    import transformers
+    from flax import nnx
+
+    from pacs_jax.policy import restore_policy
+
+    exported = transformers.LlamaForCausalLM.from_pretrained(export)
+    policy, _ = restore_policy(multihost_worker.trainer_config(str(run_dir), 2), str(run_dir / "checkpoints"), 2)
+    np.testing.assert_array_equal(exported.model.embed_tokens.weight.detach().numpy(), np.asarray(nnx.state(policy)["embed"][...]))
 
 
 @pytest.mark.slow
